@@ -1,0 +1,32 @@
+# Every target sets up what it needs: a .venv with the pinned CPU build of torch (2.13.0 lies on this
+# machine's disk; an unpinned torch would pull a multi-GB CUDA build) and the package with its extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test lint bench bench-quick demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,demo]"
+	touch $@
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check torch_pretrain_update tests benchmarks examples
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks
+
+bench-quick: $(VENV)/.installed
+	$(PY) -m benchmarks --quick
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/pretrain-update demo --out demo_out
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

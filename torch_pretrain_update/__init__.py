@@ -1,0 +1,14 @@
+"""torch-pretrain-update: drop-in data-layer pieces for updating pretrained models on new data.
+
+Selection and balancing samplers, weight-emitting datasets and WebDataset streams, partial (incremental)
+updates and distillation losses. Every public name is re-exported here; each module owns its ``__all__``.
+"""
+
+from torch_pretrain_update import scores as _scores
+from torch_pretrain_update import weights as _weights
+from torch_pretrain_update.scores import *  # noqa: F403
+from torch_pretrain_update.weights import *  # noqa: F403
+
+__version__ = "0.1.0"
+
+__all__ = [*_scores.__all__, *_weights.__all__]

@@ -1,0 +1,184 @@
+"""Uncertainty scores of model outputs: entropy, margin, least confidence.
+
+Convention: a higher score means the model is *less* sure. Input is a 2-D ``torch.Tensor`` or
+``numpy.ndarray`` of shape (N, C), probabilities by default or logits with ``from_logits=True``; output is a
+float32 tensor of shape (N,).
+
+The work is done in chunks of rows, so N = 1e7 rows never need a second full-size copy (only one chunk of
+temporaries), and a memory-mapped ``numpy`` array (``np.load(..., mmap_mode="r")``) is read chunk by chunk.
+Validation is fused into the same pass: one ``aminmax`` and one row sum per chunk; the exact bad row is only
+looked for when a chunk fails.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import numpy as np
+import torch
+
+from torch_pretrain_update._checks import check_bool, check_choice, check_matrix, first_bad_row
+
+__all__ = ["entropy", "margin", "least_confidence", "compute_scores", "SCORE_NAMES"]
+
+Matrix = Union[torch.Tensor, np.ndarray]
+
+SCORE_NAMES = ("entropy", "margin", "least_confidence")
+
+#: rows per chunk: large enough that per-chunk Python overhead is negligible, small enough that a chunk of
+#: temporaries stays far below the input size (2**16 rows x 1000 classes x 4 B = 256 MB at most).
+_CHUNK_ELEMENTS = 1 << 22
+_PROB_ATOL = 1e-3
+
+
+def _chunks(x: Matrix, name: str):
+    """Yield ``(start, chunk)`` with ``chunk`` a float tensor of at least float32 precision."""
+    n, c = x.shape
+    rows = max(1, _CHUNK_ELEMENTS // c)
+    for start in range(0, n, rows):
+        part = x[start : start + rows]
+        if isinstance(part, np.ndarray):
+            if not part.flags.writeable or not part.flags.c_contiguous:
+                part = np.array(part)  # a chunk-sized copy, e.g. of a read-only memmap
+            part = torch.from_numpy(part)
+        if part.dtype not in (torch.float32, torch.float64):
+            part = part.float()  # float16 / bfloat16: compute in float32
+        yield start, part
+
+
+def _check_probs_chunk(p: torch.Tensor, start: int, name: str) -> None:
+    lo, hi = torch.aminmax(p)
+    lo, hi = float(lo), float(hi)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = ~torch.isfinite(p).all(dim=1)
+        i = first_bad_row(bad)
+        raise ValueError(f"{name} must be finite; row {start + i} is {p[i].tolist()[:8]}")
+    if lo < 0:
+        i = first_bad_row((p < 0).any(dim=1))
+        raise ValueError(
+            f"{name} must be probabilities (>= 0); row {start + i} has {float(p[i].min())}. "
+            "Pass from_logits=True for logits."
+        )
+    sums = p.sum(dim=1, dtype=torch.float64) if p.dtype != torch.float64 else p.sum(dim=1)
+    off = (sums - 1.0).abs() > _PROB_ATOL
+    if bool(off.any()):
+        i = first_bad_row(off)
+        raise ValueError(
+            f"{name} rows must sum to 1 (tolerance {_PROB_ATOL}); row {start + i} sums to {float(sums[i]):.6g}. "
+            "Pass from_logits=True for logits."
+        )
+
+
+def _check_logits_chunk(z: torch.Tensor, start: int, name: str) -> None:
+    lo, hi = torch.aminmax(z)
+    if not (np.isfinite(float(lo)) and np.isfinite(float(hi))):
+        i = first_bad_row(~torch.isfinite(z).all(dim=1))
+        raise ValueError(f"{name} must be finite logits; row {start + i} is {z[i].tolist()[:8]}")
+
+
+def _score(x: Matrix, from_logits: bool, name: str, kernel: Callable[[torch.Tensor, bool], torch.Tensor]):
+    check_matrix(x, name)
+    from_logits = check_bool(from_logits, "from_logits")
+    out = torch.empty(x.shape[0], dtype=torch.float32)
+    with torch.no_grad():
+        for start, part in _chunks(x, name):
+            part = part.detach()
+            if from_logits:
+                _check_logits_chunk(part, start, name)
+            else:
+                _check_probs_chunk(part, start, name)
+            res = kernel(part, from_logits)
+            out[start : start + part.shape[0]] = res.to("cpu")
+    return out
+
+
+def _entropy_kernel(part: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    if from_logits:
+        logp = torch.log_softmax(part, dim=1)
+        return (logp.exp() * logp).sum(dim=1).neg_().clamp_min_(0.0)
+    # special.entr(p) = -p ln p with entr(0) = 0: no NaN on zero probabilities (the seed's np.log bug).
+    return torch.special.entr(part).sum(dim=1)
+
+
+def _top2(part: torch.Tensor, from_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 and top-2 probabilities; from logits computed in log space (stable for logits of +-1e4)."""
+    top = torch.topk(part, 2, dim=1, sorted=True).values
+    if not from_logits:
+        return top[:, 0], top[:, 1]
+    lse = torch.logsumexp(part, dim=1)
+    return (top[:, 0] - lse).exp(), (top[:, 1] - lse).exp()
+
+
+def _margin_kernel(part: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    p1, p2 = _top2(part, from_logits)
+    return 1.0 - (p1 - p2)
+
+
+def _least_confidence_kernel(part: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    if from_logits:
+        p1 = (part.max(dim=1).values - torch.logsumexp(part, dim=1)).exp()
+    else:
+        p1 = part.max(dim=1).values
+    return 1.0 - p1
+
+
+def entropy(x: Matrix, *, from_logits: bool = False) -> torch.Tensor:
+    """Shannon entropy ``-sum_c p_c ln p_c`` of each row (with ``0 ln 0 = 0``), in nats.
+
+    Args:
+        x: (N, C) probabilities (rows summing to 1 within 1e-3), or logits with ``from_logits=True``.
+        from_logits: treat ``x`` as logits and compute in log space.
+
+    Returns:
+        float32 tensor of shape (N,); in ``[0, ln C]``.
+
+    Example::
+
+        >>> entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+        tensor([0.6931, 0.0000])
+    """
+    return _score(x, from_logits, "x", _entropy_kernel)
+
+
+def margin(x: Matrix, *, from_logits: bool = False) -> torch.Tensor:
+    """``1 - (p_top1 - p_top2)`` of each row: near 1 when the two best classes are tied.
+
+    Args:
+        x: (N, C) probabilities, or logits with ``from_logits=True``.
+        from_logits: treat ``x`` as logits.
+
+    Example::
+
+        >>> margin(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+        tensor([1.0000, 0.2000])
+    """
+    return _score(x, from_logits, "x", _margin_kernel)
+
+
+def least_confidence(x: Matrix, *, from_logits: bool = False) -> torch.Tensor:
+    """``1 - p_top1`` of each row.
+
+    Args:
+        x: (N, C) probabilities, or logits with ``from_logits=True``.
+        from_logits: treat ``x`` as logits.
+
+    Example::
+
+        >>> least_confidence(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+        tensor([0.5000, 0.1000])
+    """
+    return _score(x, from_logits, "x", _least_confidence_kernel)
+
+
+_KERNELS = {"entropy": _entropy_kernel, "margin": _margin_kernel, "least_confidence": _least_confidence_kernel}
+
+
+def compute_scores(
+    x: Matrix, score: str = "entropy", *, from_logits: bool = False, name: str = "probs"
+) -> torch.Tensor:
+    """Dispatch by name: ``score`` is one of ``"entropy"``, ``"margin"``, ``"least_confidence"``.
+
+    ``name`` is the argument name used in error messages (callers such as samplers pass their own).
+    """
+    check_choice(score, "score", SCORE_NAMES)
+    return _score(x, from_logits, name, _KERNELS[score])
