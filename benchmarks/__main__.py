@@ -57,7 +57,8 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
             base = f"{base} ({r['baseline_name']})"
         passed = {True: "pass", False: "**MISS**", None: "-"}[r["passed"]]
         measure = r["measure"] + (f" — {r['note']}" if r["note"] else "")
-        lines.append(f"| {measure} | {_fmt(r['ours'], r['unit'])} | {base} | {ratio_s} | {r['target'] or '-'} | {passed} |")
+        ours = _fmt(r["ours"], r["unit"])
+        lines.append(f"| {measure} | {ours} | {base} | {ratio_s} | {r['target'] or '-'} | {passed} |")
     if meta.get("errors"):
         lines += ["", "## Benchmarks that failed to run", ""]
         lines += [f"- `{name}`: {err}" for name, err in meta["errors"].items()]

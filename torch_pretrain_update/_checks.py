@@ -162,12 +162,12 @@ def check_vector(
 def check_labels(labels: Any, name: str = "labels", *, num_classes: int | None = None) -> tuple[torch.Tensor, int]:
     """A 1-D int64 label tensor with values in ``[0, num_classes)``; returns ``(labels, num_classes)``."""
     t = as_tensor(labels, name)
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{name} must have an integer dtype; got {_short(t)}")
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must not be empty")
     t = t.detach().to(device="cpu", dtype=torch.int64)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0:

@@ -100,13 +100,18 @@ def _entropy_kernel(part: torch.Tensor, from_logits: bool) -> torch.Tensor:
     return torch.special.entr(part).sum(dim=1)
 
 
+def _log_normaliser(part: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(z - z_max)`` per row: shifting first keeps float32 exact near the maximum (logits ~1e4)."""
+    return torch.logsumexp(part - top1.unsqueeze(1), dim=1)
+
+
 def _top2(part: torch.Tensor, from_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 and top-2 probabilities; from logits computed in log space (stable for logits of +-1e4)."""
     top = torch.topk(part, 2, dim=1, sorted=True).values
     if not from_logits:
         return top[:, 0], top[:, 1]
-    lse = torch.logsumexp(part, dim=1)
-    return (top[:, 0] - lse).exp(), (top[:, 1] - lse).exp()
+    lse = _log_normaliser(part, top[:, 0])
+    return (-lse).exp(), (top[:, 1] - top[:, 0] - lse).exp()
 
 
 def _margin_kernel(part: torch.Tensor, from_logits: bool) -> torch.Tensor:
@@ -116,7 +121,7 @@ def _margin_kernel(part: torch.Tensor, from_logits: bool) -> torch.Tensor:
 
 def _least_confidence_kernel(part: torch.Tensor, from_logits: bool) -> torch.Tensor:
     if from_logits:
-        p1 = (part.max(dim=1).values - torch.logsumexp(part, dim=1)).exp()
+        p1 = (-_log_normaliser(part, part.max(dim=1).values)).exp()
     else:
         p1 = part.max(dim=1).values
     return 1.0 - p1
@@ -170,7 +175,11 @@ def least_confidence(x: Matrix, *, from_logits: bool = False) -> torch.Tensor:
     return _score(x, from_logits, "x", _least_confidence_kernel)
 
 
-_KERNELS = {"entropy": _entropy_kernel, "margin": _margin_kernel, "least_confidence": _least_confidence_kernel}
+_KERNELS = {
+    "entropy": _entropy_kernel,
+    "margin": _margin_kernel,
+    "least_confidence": _least_confidence_kernel,
+}
 
 
 def compute_scores(
