@@ -5,12 +5,14 @@ updates and distillation losses. Every public name is re-exported here; each mod
 """
 
 from torch_pretrain_update import distributed as _distributed
+from torch_pretrain_update import partial as _partial
 from torch_pretrain_update import scores as _scores
 from torch_pretrain_update import weights as _weights
 from torch_pretrain_update.distributed import *  # noqa: F403
+from torch_pretrain_update.partial import *  # noqa: F403
 from torch_pretrain_update.scores import *  # noqa: F403
 from torch_pretrain_update.weights import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__]
+__all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__]
