@@ -781,7 +781,11 @@ class GradualUnfreezing:
         return {"stage": self.stage, "num_stages": len(self.stages), "groups_added": list(self._groups_added)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Replay the unfreezing up to the saved stage (call before ``optimizer.load_state_dict``)."""
+        """Replay the unfreezing up to the saved stage (call before ``optimizer.load_state_dict``).
+
+        Raises ``ValueError`` if the replay does not add the same number of param groups per stage as the saved
+        run (the objects were built differently); the replay has happened by then, so rebuild before retrying.
+        """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping; got {type(state_dict).__name__}")
         missing = {"stage", "num_stages", "groups_added"} - set(state_dict)
@@ -807,8 +811,9 @@ class GradualUnfreezing:
             self.step()
         if self._groups_added != [int(a) for a in added]:
             raise ValueError(
-                f"replaying the stages added param groups {self._groups_added}, but the checkpoint had "
-                f"{list(added)}: the model or optimizer was built differently from the saved run"
+                f"state_dict['groups_added']={list(added)} but replaying the stages added {self._groups_added} "
+                "param groups: the model or optimizer was built differently from the saved run (the replay has "
+                "already changed them: rebuild before trying again)"
             )
 
 
