@@ -7,12 +7,17 @@ updates and distillation losses. Every public name is re-exported here; each mod
 from torch_pretrain_update import distributed as _distributed
 from torch_pretrain_update import partial as _partial
 from torch_pretrain_update import scores as _scores
+from torch_pretrain_update import weighted_plans as _weighted_plans
+from torch_pretrain_update import weighted_sampler as _weighted_sampler
 from torch_pretrain_update import weights as _weights
 from torch_pretrain_update.distributed import *  # noqa: F403
 from torch_pretrain_update.partial import *  # noqa: F403
 from torch_pretrain_update.scores import *  # noqa: F403
+from torch_pretrain_update.weighted_plans import *  # noqa: F403
+from torch_pretrain_update.weighted_sampler import *  # noqa: F403
 from torch_pretrain_update.weights import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__]
+__all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__, *_weighted_plans.__all__,
+           *_weighted_sampler.__all__]
