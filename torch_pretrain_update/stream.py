@@ -1,0 +1,713 @@
+"""``WeightedWebDataset``: a resumable, rank- and worker-split WebDataset stream with weights and no silent loss.
+
+Pipeline of one reader (a DataLoader worker of one rank)::
+
+    shards (epoch order) -> split -> strict tar reading (shards.iter_shard_samples) -> count check vs manifest
+      -> per-shard buffer shuffle -> take this reader's positions -> required keys -> safe decode -> label check
+      -> class weights (stages.with_class_weights) -> [stages.balance_classes] -> fixed length per rank
+
+**Splitting.** Every epoch the shard order is ``torch.randperm`` from a fresh generator seeded from
+``(seed, epoch)`` (identity with ``shuffle=False``); each shard's samples are shuffled by a buffer shuffle whose
+generator is seeded from ``(seed, epoch, shard index)``, so a shard's internal order is a pure function of those
+and of its contents. Two split modes:
+
+- ``split="samples"`` (the default when a manifest gives the per-shard counts): the epoch's samples, in that
+  order, are numbered ``0..N-1`` and split like ``DistributedSampler`` splits indices: rank ``r`` takes the
+  contiguous positions ``[r L, (r + 1) L)`` with ``L = samples_per_rank`` (default ``ceil(N / W)``, padding by
+  wrapping around to the start of the epoch; ``drop_last=True``: ``floor(N / W)``, truncating), and the rank's
+  range is cut into ``num_workers`` contiguous pieces of ``L // nw`` or ``L // nw + 1`` samples. Every sample is
+  yielded exactly once per epoch except the ``W L - N`` (at most ``W - 1`` by default) padding repeats, and every
+  rank yields exactly ``L`` samples, so DDP never hangs at the end of an epoch. A shard cut between two readers is
+  opened by both; the second re-reads (without decoding) the first one's part to reach its start.
+- ``split="shards"`` (the default without a manifest): rank ``r`` takes shards ``r, r + W, ...`` of the epoch
+  order and worker ``w`` every ``nw``-th of those. The number of samples per rank is then whatever its shards
+  hold, unless ``samples_per_rank`` fixes it (like webdataset's ``with_epoch``): a reader that runs out repeats
+  its own stream from the start (counted in ``stats["padded_samples"]``), one with more stops early.
+
+Both modes raise ``ValueError`` when there are fewer shards than ranks x workers.
+
+**Determinism.** For a given ``(seed, epoch, W, rank)`` and without ``balance``, what does *not* depend on the
+number of DataLoader workers: the multiset of samples of each rank, each shard's internal order, and the
+sequence of samples of the rank in position order (``split="samples"``). What does: which worker yields which
+piece, hence the order of the batches the DataLoader interleaves round-robin from its workers. With
+``balance=True`` (and with online weights, ``counts`` unknown) the running class estimates are per reader, so
+the output also depends on the worker split (it stays deterministic for a given ``num_workers``).
+
+**Resume.** ``state_dict()`` (plain JSON values) records the epoch, the reader's cursor (pass, segment = a range
+of one shard, number of outputs of that segment already delivered) and a snapshot of the stateful stages and
+``stats`` taken when the segment started. ``load_state_dict`` + ``iter`` re-open the segment's shard, replay it
+(reading and decoding, up to one shard's worth) from the snapshot and skip the outputs already delivered, so the
+resumed stream equals the unbroken one exactly (no sample lost or duplicated) with ``StatefulDataLoader`` at any
+``num_workers`` (which must be the same as when the state was saved).
+
+**No silent loss.** By default (``handler=None``) these raise, naming the shard (and the sample's key and the
+member): a shard that cannot be opened, is empty, is truncated (inside a member or at a header boundary), has a
+corrupt header (``shards.iter_shard_files`` checks the end-of-archive block, which ``tarfile`` does not), holds
+fewer or more samples than its manifest count; a sample missing a ``required_keys`` member or the label, a
+label that is not an integer in ``[0, num_classes)``, a member the decoder refuses (pickles) or cannot decode.
+With a skipping handler (webdataset's ``warn_and_continue``/``ignore_and_continue``, or any callable returning
+True), each is counted in :attr:`WeightedWebDataset.stats` and logged at the end of the reader's epoch; with
+``samples_per_rank`` set or ``split="samples"``, the missing samples are replaced by repeats so that every rank
+still yields the same number. Without a manifest, what cannot be detected: a shard that is a well-formed archive
+but has lost whole samples, a missing shard that is not among ``urls``, and (no SHA-256) changed contents.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.data import IterableDataset
+from webdataset.handlers import reraise_exception
+
+from torch_pretrain_update._checks import check_bool, check_choice, check_int
+from torch_pretrain_update._dist import resolve_replicas, worker_split
+from torch_pretrain_update._rng import epoch_generator
+from torch_pretrain_update.decode import safe_decode
+from torch_pretrain_update.shards import (
+    DamagedShardError,
+    ShardInfo,
+    ShardManifest,
+    _as_manifest,
+    expand_urls,
+    iter_shard_samples,
+    parse_label,
+)
+from torch_pretrain_update.stages import BadSampleError, balance_classes, with_class_weights
+
+__all__ = ["WeightedWebDataset", "stream_stats"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_FORMAT = "WeightedWebDataset/1"
+_MAX_EVENTS = 50
+_STAT_KEYS = ("samples", "skipped_samples", "missing_samples", "shard_errors", "padded_samples")
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Positions ``[start, stop)`` of one shard's (shuffled) sample order; ``stop=None``: to the shard's end."""
+
+    shard: int
+    start: int
+    stop: Optional[int]
+
+
+def _fresh_stats() -> dict[str, Any]:
+    stats: dict[str, Any] = {k: 0 for k in _STAT_KEYS}
+    stats["events"] = []
+    return stats
+
+
+def _copy_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    out = dict(stats)
+    out["events"] = list(stats["events"])
+    return out
+
+
+def _buffer_shuffle(src: Iterator[dict], size: int, gen: torch.Generator) -> Iterator[dict]:
+    """Buffer shuffle driven by a torch generator.
+
+    Hand-written because webdataset's ``shuffle`` stage draws from a ``random.Random`` and starts yielding
+    before its buffer is full; here the order must be a pure function of the generator and the input so that a
+    shard can be replayed exactly on resume. Uniforms are drawn in blocks (one torch call per 1024 samples).
+    """
+    buf: list[dict] = []
+    block: list[float] = []
+    pos = 0
+    for item in src:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        if pos == len(block):
+            block = torch.rand(1024, generator=gen, dtype=torch.float64).tolist()
+            pos = 0
+        j = int(block[pos] * size)
+        pos += 1
+        out, buf[j] = buf[j], item
+        yield out
+    for j in torch.randperm(len(buf), generator=gen).tolist():
+        yield buf[j]
+
+
+class WeightedWebDataset(IterableDataset):
+    """WebDataset shards as a weighted, deterministic, resumable ``IterableDataset`` (see the module docstring).
+
+    Args:
+        urls: shard urls, a brace pattern (``"train-{000000..000099}.tar"``) or ``None`` for all shards of
+            ``manifest``.
+        label_key: member holding the integer class label (always required).
+        num_classes: number of classes C; labels must be in ``[0, C)``.
+        scheme: class-weight scheme (:func:`~torch_pretrain_update.weights.class_weights`).
+        counts: known class counts for the weights (and the balancing prior); default: the manifest's histogram
+            summed over the selected shards, so the weights equal ``class_weights`` of all their labels; without
+            either, running counts of the stream (``momentum`` as in ``with_class_weights``).
+        momentum: decay of the running counts when ``counts`` are unknown.
+        weight_key: where the weight goes (a 0-d float32 tensor; the default collate batches it).
+        balance: rebalance the stream with ``stages.balance_classes`` toward ``balance_target``.
+        balance_target: target class shares (uniform by default).
+        shuffle: shuffle the shard order and the samples within shards.
+        shuffle_buffer: size of the per-shard shuffle buffer (>= the shard size: a full in-shard permutation).
+            Memory: ``shuffle_buffer`` undecoded samples per worker.
+        seed: base seed; every rank must pass the same one.
+        handler: ``None`` (raise; default) or a webdataset-style handler ``exc -> bool`` for damaged shards and
+            bad samples: True skips and counts, False also stops reading the current shard.
+        required_keys: members every sample must have (the label key is always required).
+        manifest: path of a manifest from :func:`~torch_pretrain_update.shards.write_shards` (or a
+            :class:`~torch_pretrain_update.shards.ShardManifest`): enables count checks, known class counts and
+            ``split="samples"``.
+        rank, world_size: this rank and the number of ranks; default from the initialised process group, else
+            0 and 1.
+        split: ``"auto"`` (``"samples"`` with a manifest, else ``"shards"``), ``"samples"`` or ``"shards"``.
+        samples_per_rank: samples each rank yields per epoch (see the module docstring); default ``ceil(N / W)``
+            with ``split="samples"``, unlimited with ``split="shards"``.
+        drop_last: with ``split="samples"`` and no ``samples_per_rank``: ``floor(N / W)`` instead of padding.
+        decoder: sample -> decoded sample; default ``decode.safe_decode()`` (refuses pickles).
+
+    Attributes:
+        stats: this reader's counts for the current epoch: ``samples`` (yielded), ``skipped_samples``,
+            ``missing_samples`` (positions of this reader's ranges never read because a shard ended early),
+            ``shard_errors``, ``padded_samples`` and ``events`` (the first 50 messages, naming shards and keys).
+            With DataLoader workers each worker has its own copy; :func:`stream_stats` sums them from a
+            ``StatefulDataLoader.state_dict()``, and each worker logs its counts at the end of its epoch.
+
+    Example::
+
+        >>> manifest = write_shards(samples, "/data/train-%06d.tar", maxcount=1000)
+        >>> ds = WeightedWebDataset(None, manifest=manifest, num_classes=10, seed=0)
+        >>> loader = StatefulDataLoader(ds, batch_size=64, num_workers=2)
+        >>> for epoch in range(3):
+        ...     ds.set_epoch(epoch)
+        ...     for batch in loader:
+        ...         loss = (F.cross_entropy(model(batch["npy"]), batch["cls"], reduction="none")
+        ...                 * batch["weight"]).mean()
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str] | None = None,
+        *,
+        label_key: str = "cls",
+        num_classes: int,
+        scheme: str = "inverse",
+        counts: Any = None,
+        momentum: Optional[float] = None,
+        weight_key: str = "weight",
+        balance: bool = False,
+        balance_target: Any = None,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        handler: Optional[Callable[[BaseException], Any]] = None,
+        required_keys: Optional[Sequence[str]] = None,
+        manifest: str | os.PathLike | ShardManifest | None = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        split: str = "auto",
+        samples_per_rank: Optional[int] = None,
+        drop_last: bool = False,
+        decoder: Optional[Callable[[dict], dict]] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(label_key, str) or not label_key:
+            raise TypeError(f"label_key must be a non-empty str; got {label_key!r}")
+        self.label_key = label_key
+        self.num_classes = check_int(num_classes, "num_classes", min_value=1)
+        self.scheme = scheme
+        self.momentum = momentum
+        self.weight_key = weight_key
+        self.balance = check_bool(balance, "balance")
+        self.balance_target = balance_target
+        self.shuffle = check_bool(shuffle, "shuffle")
+        self.shuffle_buffer = check_int(shuffle_buffer, "shuffle_buffer", min_value=1)
+        self.seed = check_int(seed, "seed")
+        if handler is not None and not callable(handler):
+            raise TypeError(f"handler must be None or callable (e.g. webdataset.warn_and_continue); got {handler!r}")
+        self.handler = handler
+        if isinstance(required_keys, str):
+            required_keys = [required_keys]
+        req = list(required_keys or [])
+        for k in req:
+            if not isinstance(k, str) or not k:
+                raise TypeError(f"required_keys must be non-empty strings; got {k!r}")
+        self.required_keys = tuple(dict.fromkeys([*req, label_key]))
+        self.world_size, self.rank = resolve_replicas(world_size, rank)
+        self.drop_last = check_bool(drop_last, "drop_last")
+        self.decoder = decoder if decoder is not None else safe_decode()
+        if not callable(self.decoder):
+            raise TypeError(f"decoder must be callable (sample -> sample); got {decoder!r}")
+
+        self.manifest = _as_manifest(manifest)
+        if urls is None:
+            if self.manifest is None:
+                raise ValueError("urls is None: pass shard urls (or a brace pattern) or a manifest")
+            self.urls = self.manifest.urls
+        else:
+            self.urls = expand_urls(urls)
+        self.infos: list[Optional[ShardInfo]] = [None] * len(self.urls)
+        if self.manifest is not None:
+            for i, u in enumerate(self.urls):
+                info = self.manifest.lookup(u)
+                if info is None:
+                    raise ValueError(f"urls: shard {u!r} is not listed in the manifest {self.manifest.path!r}")
+                self.infos[i] = info
+        if len(self.urls) < self.world_size:
+            raise ValueError(
+                f"urls: {len(self.urls)} shard(s) for world_size={self.world_size} ranks; need at least one shard "
+                "per rank (and per DataLoader worker): write smaller shards (write_shards(maxcount=...))"
+            )
+
+        split = check_choice(split, "split", ("auto", "samples", "shards"))
+        if split == "auto":
+            split = "samples" if self.manifest is not None else "shards"
+        if split == "samples" and self.manifest is None:
+            raise ValueError("split='samples' needs per-shard counts: pass manifest=")
+        self.split = split
+        self.total = sum(i.count for i in self.infos) if self.manifest is not None else None
+        if samples_per_rank is not None:
+            samples_per_rank = check_int(samples_per_rank, "samples_per_rank", min_value=1)
+        elif split == "samples":
+            assert self.total is not None
+            samples_per_rank = self.total // self.world_size if drop_last else -(-self.total // self.world_size)
+            if samples_per_rank == 0:
+                raise ValueError(
+                    f"manifest: {self.total} samples cannot give each of world_size={self.world_size} ranks one "
+                    "sample with drop_last=True"
+                )
+        self.samples_per_rank = samples_per_rank
+        if self.world_size > 1 and samples_per_rank is None:
+            warnings.warn(
+                "WeightedWebDataset: without a manifest or samples_per_rank, ranks may yield different numbers "
+                "of samples and DDP can hang at the end of an epoch; pass manifest= or samples_per_rank=",
+                stacklevel=2,
+            )
+
+        if counts is None and self.manifest is not None and self.manifest.label_key == label_key:
+            total = [0] * self.num_classes
+            for info in self.infos:
+                if len(info.class_counts) > self.num_classes and any(info.class_counts[self.num_classes:]):
+                    raise ValueError(
+                        f"num_classes={self.num_classes} but the manifest's shard {info.url!r} has labels >= "
+                        f"{self.num_classes}"
+                    )
+                for c, n in enumerate(info.class_counts[: self.num_classes]):
+                    total[c] += n
+            counts = total
+        self.counts = None if counts is None else [float(c) for c in torch.as_tensor(counts).reshape(-1).tolist()]
+        # Validate the stage options now (errors at construction, not in a worker).
+        self._make_stages()
+
+        self.epoch = 0
+        self.stats: dict[str, Any] = _fresh_stats()
+        self._cursor: Optional[dict[str, Any]] = None
+        self._pending: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # public API
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch: the shard order and shuffles of epoch ``e`` come from ``(seed, e)``."""
+        self.epoch = check_int(epoch, "epoch", min_value=0)
+
+    def batches_per_rank(self, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> Optional[int]:
+        """Number of batches a ``DataLoader(batch_size, num_workers)`` yields per rank and epoch (each worker
+        batches its own samples), or None when the length is not fixed."""
+        batch_size = check_int(batch_size, "batch_size", min_value=1)
+        nw = max(1, check_int(num_workers, "num_workers", min_value=0))
+        if self.samples_per_rank is None:
+            return None
+        total = 0
+        for w in range(nw):
+            n = self._worker_quota(nw, w)
+            total += n // batch_size if drop_last else -(-n // batch_size)
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable state: epoch, this reader's cursor and the snapshot needed to replay."""
+        if self._pending is not None:
+            return _json_copy(self._pending)
+        return {
+            "format": _STATE_FORMAT,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "num_shards": len(self.urls),
+            "cursor": None if self._cursor is None or self._cursor["epoch"] != self.epoch else _json_copy(self._cursor),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; the next ``iter()`` in the same epoch continues after the
+        last sample delivered before the state was taken."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"state must be a dict from WeightedWebDataset.state_dict(); got {_short(state)}")
+        if state.get("seed") != self.seed or state.get("num_shards") != len(self.urls):
+            raise ValueError(
+                f"state was saved with seed={state.get('seed')} over {state.get('num_shards')} shards; this "
+                f"dataset has seed={self.seed} and {len(self.urls)} shards"
+            )
+        self.epoch = check_int(state.get("epoch"), "state['epoch']", min_value=0)
+        cursor = state.get("cursor")
+        if cursor is not None and not isinstance(cursor, dict):
+            raise ValueError(f"state['cursor'] must be a dict or None; got {_short(cursor)}")
+        self._pending = _json_copy(state) if cursor is not None else None
+        self._cursor = None
+
+    def __iter__(self) -> Iterator[dict]:
+        self._cursor = None  # a new pass over the epoch; a loaded state (if any) is applied when it starts
+        return self._iterate()
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightedWebDataset({len(self.urls)} shards, split={self.split!r}, rank={self.rank}/{self.world_size}, "
+            f"samples_per_rank={self.samples_per_rank}, shuffle={self.shuffle}, seed={self.seed}, "
+            f"balance={self.balance})"
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # plan
+
+    def _worker_quota(self, nw: int, w: int) -> int:
+        assert self.samples_per_rank is not None
+        L = self.samples_per_rank
+        return L // nw + (1 if w < L % nw else 0)
+
+    def _shard_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.urls)))
+        return torch.randperm(len(self.urls), generator=epoch_generator(self.seed, epoch, 0)).tolist()
+
+    def _plan(self, epoch: int, nw: int, w: int) -> tuple[list[_Segment], Optional[int]]:
+        """This reader's segments (in reading order) and its quota (None: no fixed length)."""
+        order = self._shard_order(epoch)
+        W, r = self.world_size, self.rank
+        if len(self.urls) < W * nw:
+            raise ValueError(
+                f"urls: {len(self.urls)} shard(s) for {W} rank(s) x {nw} DataLoader worker(s); need at least "
+                f"{W * nw} (one per worker): write smaller shards or use fewer workers"
+            )
+        if self.split == "shards":
+            mine = order[r::W][w::nw]
+            quota = None if self.samples_per_rank is None else self._worker_quota(nw, w)
+            return [_Segment(s, 0, None) for s in mine], quota
+        counts = [self.infos[s].count for s in order]
+        N = sum(counts)
+        if N == 0:
+            raise ValueError("manifest: the selected shards hold no samples")
+        L = self.samples_per_rank
+        quota = self._worker_quota(nw, w)
+        begin = r * L + w * (L // nw) + min(w, L % nw)
+        # Map global positions [begin, begin + quota) (mod N: padding wraps to the start) onto shard ranges.
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        segments: list[_Segment] = []
+        pos, left = begin % N, quota
+        k = _bisect_right(starts, pos) - 1
+        while left > 0:
+            while pos >= starts[k + 1]:  # also steps over empty shards
+                k += 1
+            a = pos - starts[k]
+            take = min(counts[k] - a, left)
+            segments.append(_Segment(order[k], a, a + take))
+            left -= take
+            pos += take
+            if pos >= N:
+                pos, k = 0, 0
+        return segments, quota
+
+    # ------------------------------------------------------------------------------------------------------------
+    # stages
+
+    def _make_stages(self) -> list[Any]:
+        stages: list[Any] = [
+            with_class_weights(self.label_key, num_classes=self.num_classes, scheme=self.scheme,
+                               counts=self.counts, momentum=None if self.counts is not None else self.momentum,
+                               weight_key=self.weight_key)
+        ]
+        if self.balance:
+            b = balance_classes(self.label_key, num_classes=self.num_classes, target=self.balance_target,
+                                momentum=self.momentum, seed=self.seed)
+            stages.append(b)
+        return stages
+
+    def _stages_for_epoch(self, epoch: int) -> list[Any]:
+        stages = self._make_stages()
+        for s in stages:
+            s.set_epoch(epoch)
+        if self.balance and self.counts is not None and self.momentum is None:
+            # Known class counts are the balancer's prior: its running share estimates start at the true shares
+            # instead of at the first few samples.
+            b = stages[-1]
+            st = b.state_dict()
+            st["counts"] = list(self.counts)
+            b.load_state_dict(st)
+        return stages
+
+    # ------------------------------------------------------------------------------------------------------------
+    # reading
+
+    def _event(self, stats: dict[str, Any], message: str) -> None:
+        if len(stats["events"]) < _MAX_EVENTS:
+            stats["events"].append(message)
+
+    def _handle(self, exc: BaseException) -> bool:
+        """Run the handler on ``exc``: raises (default), or returns True (skip) / False (skip, stop the shard)."""
+        handler = self.handler if self.handler is not None else reraise_exception
+        return bool(handler(exc))
+
+    def _shard_samples(self, seg: _Segment, stats: dict[str, Any]) -> Iterator[dict]:
+        """Raw samples of the segment's shard, checked against the manifest count; damage -> handler."""
+        url = self.urls[seg.shard]
+        info = self.infos[seg.shard]
+        expected = None if info is None else info.count
+        n = 0
+        error: Optional[DamagedShardError] = None
+        it = iter_shard_samples(url)
+        try:
+            for sample in it:
+                if expected is not None and n == expected:
+                    extra = 1 + sum(1 for _ in it)
+                    raise DamagedShardError(url, f"holds {expected + extra} samples but its manifest count is "
+                                                 f"{expected} ({extra} extra)")
+                n += 1
+                yield sample
+        except DamagedShardError as exc:
+            error = exc
+            if expected is not None and n < expected:
+                error = DamagedShardError(url, f"{exc.reason}; {n} of the manifest's {expected} samples read")
+        if error is None and expected is not None and n < expected:
+            error = DamagedShardError(
+                url,
+                f"{n} samples read but the manifest says {expected}: the shard ended early (a corrupt header or "
+                "truncation that tarfile treats as the end of the archive, or a rewritten shard)",
+            )
+        if error is not None:
+            self._handle(error)  # raises by default
+            stats["shard_errors"] += 1
+            self._event(stats, str(error))
+
+    def _segment_raw(self, seg: _Segment, epoch: int, stats: dict[str, Any]) -> Iterator[dict]:
+        """The segment's raw samples: the shard's (shuffled) order, positions ``[start, stop)``."""
+        src: Iterator[dict] = self._shard_samples(seg, stats)
+        if self.shuffle:
+            src = _buffer_shuffle(src, self.shuffle_buffer, epoch_generator(self.seed, epoch, 1, seg.shard))
+        pos = 0
+        taken = 0
+        for sample in src:
+            if pos >= seg.start:
+                if seg.stop is not None and pos >= seg.stop:
+                    break
+                taken += 1
+                yield sample
+            pos += 1
+        if seg.stop is not None and taken < seg.stop - seg.start:
+            stats["missing_samples"] += seg.stop - seg.start - taken
+        elif seg.stop is None and self.infos[seg.shard] is not None:
+            stats["missing_samples"] += max(0, self.infos[seg.shard].count - taken)
+
+    def _checked(self, src: Iterator[dict], url: str, stats: dict[str, Any]) -> Iterator[dict]:
+        """Required keys, decoding and label checks; bad samples -> handler."""
+        label_key, nc, decoder = self.label_key, self.num_classes, self.decoder
+        for raw in src:
+            try:
+                missing = [k for k in self.required_keys if k not in raw]
+                if missing:
+                    present = sorted(k for k in raw if not k.startswith("__"))
+                    raise BadSampleError(
+                        f"shard {url!r}, sample __key__={raw.get('__key__')!r}: missing member(s) {missing} "
+                        f"(has {present})", sample_key=raw.get("__key__"), url=url, field=missing[0])
+                sample = decoder(raw)
+                try:
+                    label = parse_label(sample[label_key])
+                except ValueError as exc:
+                    raise BadSampleError(f"shard {url!r}, sample __key__={raw.get('__key__')!r}, member "
+                                         f"{label_key!r}: {exc}", sample_key=raw.get("__key__"), url=url,
+                                         field=label_key) from None
+                if label >= nc:
+                    raise BadSampleError(
+                        f"shard {url!r}, sample __key__={raw.get('__key__')!r}, member {label_key!r}: label "
+                        f"{label} out of range [0, num_classes={nc})", sample_key=raw.get("__key__"), url=url,
+                        field=label_key)
+                sample[label_key] = label
+            except Exception as exc:
+                keep_going = self._handle(exc)
+                stats["skipped_samples"] += 1
+                msg = str(exc)
+                if url not in msg:
+                    msg = f"shard {url!r}, sample __key__={raw.get('__key__')!r}: {msg}"
+                self._event(stats, msg)
+                if not keep_going:
+                    return
+                continue
+            yield sample
+
+    def _segment_pipeline(self, seg: _Segment, epoch: int, stages: list[Any], stats: dict[str, Any]) -> Iterator[dict]:
+        it: Iterator[dict] = self._checked(self._segment_raw(seg, epoch, stats), self.urls[seg.shard], stats)
+        for stage in stages:
+            it = stage(it)
+        return it
+
+    def _iterate(self) -> Iterator[dict]:
+        nw, w = worker_split()
+        epoch = self.epoch
+        segments, quota = self._plan(epoch, nw, w)
+        stages = self._stages_for_epoch(epoch)
+        pending, self._pending = self._pending, None
+        p, i, skip, yielded, pass_outputs = 0, 0, 0, 0, 0
+        stats = _fresh_stats()
+        snap: Optional[dict[str, Any]] = None
+        if pending is not None and pending["epoch"] == epoch:
+            cur = pending["cursor"]
+            if (cur.get("num_workers"), cur.get("worker_id"), cur.get("world_size"), cur.get("rank")) != (
+                nw, w, self.world_size, self.rank):
+                raise ValueError(
+                    f"state was saved by worker {cur.get('worker_id')} of {cur.get('num_workers')} on rank "
+                    f"{cur.get('rank')} of {cur.get('world_size')}; resuming as worker {w} of {nw} on rank "
+                    f"{self.rank} of {self.world_size} is not supported (use the same num_workers and ranks)"
+                )
+            p, i, skip = int(cur["pass"]), int(cur["segment"]), int(cur["offset"])
+            yielded, pass_outputs = int(cur["yielded"]), int(cur["pass_outputs"])
+            snap = cur["snapshot"]
+            if cur.get("done"):
+                self.stats = _copy_stats(cur["stats"])
+                self._cursor = _json_copy(cur)
+                return
+        self.stats = stats
+        base = {"epoch": epoch, "num_workers": nw, "worker_id": w, "world_size": self.world_size, "rank": self.rank}
+        done = quota is not None and yielded >= quota
+        while not done:
+            while i < len(segments):
+                seg = segments[i]
+                if snap is not None:  # resuming into this segment: restore its start
+                    for stage, st in zip(stages, snap["stages"]):
+                        stage.load_state_dict(st)
+                    stats = _copy_stats(snap["stats"])
+                    self.stats = stats
+                    seg_pass_outputs = snap["pass_outputs"]
+                    seg_yielded = snap["yielded"]
+                else:
+                    seg_pass_outputs, seg_yielded = pass_outputs, yielded
+                snap = {"stages": [s.state_dict() for s in stages], "stats": _copy_stats(stats),
+                        "pass_outputs": seg_pass_outputs, "yielded": seg_yielded}
+                k = 0
+                # Damage met again while padding (pass > 0) was counted in pass 0: count it once.
+                seg_stats = stats if p == 0 else _fresh_stats()
+                for sample in self._segment_pipeline(seg, epoch, stages, seg_stats):
+                    if quota is not None and seg_yielded + k >= quota:
+                        break
+                    k += 1
+                    stats["samples"] += 1
+                    if p > 0:
+                        stats["padded_samples"] += 1
+                    if k <= skip:
+                        continue
+                    self._cursor = {**base, "pass": p, "segment": i, "offset": k, "yielded": seg_yielded + k,
+                                    "pass_outputs": seg_pass_outputs + k, "done": False, "snapshot": snap}
+                    yield sample
+                skip = 0
+                snap = None
+                yielded = seg_yielded + k
+                pass_outputs = seg_pass_outputs + k
+                i += 1
+                if quota is not None and yielded >= quota:
+                    break
+            if quota is None or yielded >= quota:
+                done = True
+            elif pass_outputs == 0:
+                raise ValueError(
+                    f"rank {self.rank}, worker {w}: a full pass over its {len(segments)} shard range(s) yielded no "
+                    f"sample, so samples_per_rank={self.samples_per_rank} cannot be filled (see stats: "
+                    f"{ {k: stats[k] for k in _STAT_KEYS} })"
+                )
+            else:
+                p, i, pass_outputs = p + 1, 0, 0
+        self._cursor = {**base, "pass": p, "segment": i, "offset": 0, "yielded": yielded,
+                        "pass_outputs": pass_outputs, "done": True, "snapshot": None, "stats": _copy_stats(stats)}
+        self._log_epoch_end(epoch, w, stats)
+
+    def _log_epoch_end(self, epoch: int, w: int, stats: dict[str, Any]) -> None:
+        counts = {k: stats[k] for k in _STAT_KEYS}
+        lossy = any(stats[k] for k in ("skipped_samples", "missing_samples", "shard_errors"))
+        level = logging.WARNING if lossy else logging.INFO
+        logger.log(level, "WeightedWebDataset epoch %d rank %d worker %d: %s%s", epoch, self.rank, w, counts,
+                   f"; first events: {stats['events'][:3]}" if lossy else "")
+
+
+def _bisect_right(a: list[int], x: int) -> int:
+    lo, hi = 0, len(a)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if x < a[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _json_copy(value: Any) -> Any:
+    """A deep copy made of plain JSON types (dicts, lists, str, int, float, bool, None)."""
+    if isinstance(value, dict):
+        return {str(k): _json_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_copy(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"state contains a non-finite float {value}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def stream_stats(state: dict[str, Any]) -> dict[str, Any]:
+    """Sum the ``stats`` of every :class:`WeightedWebDataset` reader found in a ``StatefulDataLoader.state_dict()``
+    (one per DataLoader worker, or the single-process dataset's), as of that state.
+
+    Example::
+
+        >>> stream_stats(loader.state_dict())
+        {'samples': 4000, 'skipped_samples': 2, 'missing_samples': 7, 'shard_errors': 1, 'padded_samples': 9,
+         'events': [...], 'readers': 2}
+    """
+    total = _fresh_stats()
+    total["readers"] = 0
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("format") == _STATE_FORMAT:
+                cur = node.get("cursor")
+                st = None
+                if isinstance(cur, dict):
+                    st = cur.get("stats") if cur.get("done") else _live_stats(cur)
+                if st is not None:
+                    total["readers"] += 1
+                    for k in _STAT_KEYS:
+                        total[k] += int(st.get(k, 0))
+                    total["events"] += list(st.get("events", []))
+                return
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                visit(v)
+
+    visit(state)
+    return total
+
+
+def _live_stats(cur: dict[str, Any]) -> Optional[dict[str, Any]]:
+    # Mid-segment the cursor stores the stats at the segment start; the samples delivered since are exact.
+    snap = cur.get("snapshot")
+    if not isinstance(snap, dict):
+        return None
+    st = dict(snap["stats"])
+    st["samples"] = int(st.get("samples", 0)) + int(cur.get("offset", 0))
+    if int(cur.get("pass", 0)) > 0:
+        st["padded_samples"] = int(st.get("padded_samples", 0)) + int(cur.get("offset", 0))
+    return st
