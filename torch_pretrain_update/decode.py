@@ -95,6 +95,18 @@ class UnsafeMemberError(MemberDecodeError):
     """A member would be unpickled (arbitrary code execution) and ``allow_unsafe`` is False."""
 
 
+def _weights_only_detail(exn: BaseException) -> str:
+    """The one specific line of torch's page-long weights_only error (after "WeightsUnpickler error:")."""
+    text = str(exn)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = text.split(marker, 1)[1]
+        for line in rest.splitlines():
+            if line.strip():
+                return line.strip()
+    return text.strip().splitlines()[0] if text.strip() else type(exn).__name__
+
+
 def _extension(member: str) -> str:
     return member.rsplit(".", 1)[-1].lower()
 
@@ -137,20 +149,32 @@ class _MemberDecoder:
             url=url,
         )
 
-    def decode(self, member: str, data: bytes, key: Any = None, url: Any = None) -> Any:
+    def decode(
+        self, member: str, data: bytes, key: Any = None, url: Any = None, shown: Optional[str] = None
+    ) -> Any:
+        """Decode ``data`` by the extension of ``member``; errors name ``shown`` (default ``member``)."""
+        shown = member if shown is None else shown
         ext = _extension(member)
         if ext == "gz":
             # webdataset's gzfilter: gunzip, then decode the inner name (x.pyd.gz is still a pickle).
-            cont = autodecode.gzfilter("." + member, data)
-            return self.decode(cont.key.lstrip("."), cont.data, key, url)
+            try:
+                cont = autodecode.gzfilter("." + member, data)
+            except Exception as exn:
+                raise MemberDecodeError(
+                    f"could not decode {_where(shown, key, url)}: {type(exn).__name__}: {exn}",
+                    member=shown,
+                    key=key,
+                    url=url,
+                ) from exn
+            return self.decode(cont.key.lstrip("."), cont.data, key, url, shown)
         try:
-            return self._decode(member, ext, data, key, url)
+            return self._decode(shown, ext, data, key, url)
         except MemberDecodeError:
             raise
         except Exception as exn:
             raise MemberDecodeError(
-                f"could not decode {_where(member, key, url)}: {type(exn).__name__}: {exn}",
-                member=member,
+                f"could not decode {_where(shown, key, url)}: {type(exn).__name__}: {exn}",
+                member=shown,
                 key=key,
                 url=url,
             ) from exn
@@ -200,13 +224,21 @@ class _MemberDecoder:
             try:
                 return torch.load(stream, weights_only=True, map_location="cpu")
             except pickle.UnpicklingError as exn:
-                # torch's message is a page long; keep its one specific line ("Unsupported global: ...").
-                detail = next((ln.strip() for ln in str(exn).splitlines() if "global" in ln.lower()), "")
-                raise self._refuse(
-                    member,
-                    f"the .{ext} payload needs globals outside torch.load's weights_only allow-list ({detail})",
-                    key,
-                    url,
+                detail = _weights_only_detail(exn)
+                if "global" in detail.lower():  # the payload names code to import/call: a refusal
+                    raise self._refuse(
+                        member,
+                        f"the .{ext} payload needs globals outside torch.load's weights_only allow-list ({detail})",
+                        key,
+                        url,
+                    ) from exn
+                raise MemberDecodeError(
+                    f"could not decode {_where(member, key, url)}: torch.load(weights_only=True) failed "
+                    f"({detail}); the file is corrupt or is a full pickle. If you trust it, allow_unsafe=True "
+                    "loads it with weights_only=False",
+                    member=member,
+                    key=key,
+                    url=url,
                 ) from exn
         if ext in _TENBIN:
             return autodecode.tenbin_loads(data)

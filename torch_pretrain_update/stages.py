@@ -19,12 +19,14 @@ probabilities/scores) raise :class:`BadSampleError` (a ``ValueError`` naming ``_
 key) through the ``handler`` (webdataset's convention: ``reraise_exception`` by default; a handler returning
 True skips the sample, False stops the stream). Every skipped sample is counted in ``stage.stats["skipped"]``.
 
-Resume protocol (for a stream factory): ``state_dict()["position"]`` is the number of input samples the stage
-has fully consumed since the last ``set_epoch``; ``"partial"`` is how many outputs of the input in progress were
-already emitted (``balance_classes`` repeats; 0 for the one-to-one stages, which commit before they yield).
-A resumed pipeline feeds the stage again from input number ``position``; the stage skips the ``partial``
-outputs it had emitted. Randomness is a pure function of ``(seed, epoch, position or __key__)`` (never a
-global or long-lived generator), so the resumed stream is exactly the unbroken one.
+Resume protocol (for a stream factory): each call ``stage(data)`` is a pass (an epoch). ``state_dict()``
+records ``position``, the number of inputs of the current pass the stage has fully consumed, and ``partial``,
+how many outputs of the input in progress were already emitted (``balance_classes`` repeats, or the chosen
+samples of ``select_by_entropy``; 0 for the one-to-one stages, which commit before they yield). After
+``load_state_dict(state)`` (and ``set_epoch`` with the same epoch, in either order) the next pass must be fed the
+pass's inputs from number ``position`` on (``select_by_entropy``: from the start); the stage skips the
+``partial`` outputs already emitted. Randomness is a pure function of ``(seed, epoch, position or __key__)``
+(never a global or long-lived generator), so the resumed stream is exactly the unbroken one.
 """
 
 from __future__ import annotations
@@ -154,12 +156,18 @@ class _Stage:
         self.position = 0  # inputs fully consumed since the last set_epoch
         self.partial = 0  # outputs of the input in progress already emitted
         self.stats: dict[str, int] = {"seen": 0, "emitted": 0, "skipped": 0}
+        self._pending = False  # a loaded state not yet resumed by a pass
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (mixed into the randomness) and restart the position count at 0."""
-        self.epoch = check_int(epoch, "epoch", min_value=0)
-        self.position = 0
-        self.partial = 0
+        """Set the epoch mixed into the randomness (like ``DistributedSampler.set_epoch``).
+
+        A state loaded by :meth:`load_state_dict` for the same epoch stays pending (the next pass resumes it);
+        a different epoch discards it.
+        """
+        epoch = check_int(epoch, "epoch", min_value=0)
+        if epoch != self.epoch:
+            self._pending = False
+        self.epoch = epoch
 
     def _skip(self, exn: BaseException) -> bool:
         """Run the handler; True to continue with the next sample, False to stop. Counts the skipped sample."""
@@ -169,6 +177,14 @@ class _Stage:
         return bool(keep_going)
 
     def __call__(self, data: Iterable[Sample]) -> Iterator[Sample]:
+        """Start a pass over ``data``: from position 0, or from a state loaded with :meth:`load_state_dict`.
+
+        Running estimates (class counts, entropy window) and ``stats`` carry over from pass to pass.
+        """
+        if not self._pending:
+            self.position = 0
+            self.partial = 0
+        self._pending = False
         return self._run(iter(data))
 
     def _run(self, src: Iterator[Sample]) -> Iterator[Sample]:  # pragma: no cover - abstract
@@ -203,6 +219,7 @@ class _Stage:
         self.partial = check_int(state["partial"], "state['partial']", min_value=0)
         self.stats = {str(k): int(v) for k, v in state["stats"].items()}
         self._load_extra_state(state)
+        self._pending = True
 
 
 def _check_momentum(momentum: Any) -> Optional[float]:
@@ -585,6 +602,7 @@ class BalanceStage(_Stage):
         repeat: str = "even",
         max_repeats: Optional[int] = None,
         rng: str = "key",
+        correction: float = 0.1,
         handler: Handler = reraise_exception,
     ) -> None:
         super().__init__(handler)
@@ -603,11 +621,16 @@ class BalanceStage(_Stage):
         self.repeat = check_choice(repeat, "repeat", ("even", "poisson"))
         self.max_repeats = None if max_repeats is None else check_int(max_repeats, "max_repeats", min_value=1)
         self.rng = check_choice(rng, "rng", ("key", "counter"))
+        self.correction = check_float(correction, "correction", low=0.0, high=1.0)
         self._running = _RunningCounts(self.num_classes, self.momentum)
+        self._out = np.zeros(
+            self.num_classes, dtype=np.float64
+        )  # copies emitted per class (decayed likewise)
         self.stats.update({"rejected": 0, "repeated": 0})
 
     def expected_copies(self, counts: Any = None) -> np.ndarray:
-        """Expected output copies per input of each class, ``target_c / share_c``, from running (or given) counts."""
+        """Plug-in copies per input of each class, ``target_c / share_c``, from running (or given) counts
+        (before the output-feedback correction)."""
         c = self._running.counts if counts is None else np.asarray(counts, dtype=np.float64)
         total = c.sum()
         if total <= 0:
@@ -616,16 +639,23 @@ class BalanceStage(_Stage):
         with np.errstate(divide="ignore"):
             return np.where(share > 0, self.target / np.where(share > 0, share, 1.0), np.inf)
 
-    def _copies(self, sample: Any, y: int, new_counts: np.ndarray) -> int:
+    def _decayed_out(self) -> np.ndarray:
+        return self._out * self._running.decay if self._running.decay is not None else self._out.copy()
+
+    def _copies(self, sample: Any, y: int, new_counts: np.ndarray, out: np.ndarray) -> int:
         r = self.target[y] * new_counts.sum() / new_counts[y]
+        # Output feedback: by the current (best) estimate, the earlier inputs of class y should have produced
+        # (count_y - 1) * r copies; pay `correction` of the difference to what they did produce now.
+        debt = (new_counts[y] - 1.0) * r - out[y]
+        e = max(0.0, r + self.correction * debt)
         ident = _ident(sample, self.rng, self.position)
-        if r < 1.0:
-            return int(_uniform(self.seed, self.epoch, ident) < r)
+        if e < 1.0:
+            return int(_uniform(self.seed, self.epoch, ident) < e)
         if self.repeat == "even":
-            whole = math.floor(r)
-            n = whole + int(_uniform(self.seed, self.epoch, ident) < r - whole)
+            whole = math.floor(e)
+            n = whole + int(_uniform(self.seed, self.epoch, ident) < e - whole)
         else:
-            n = int(np.random.default_rng(_seed64(self.seed, self.epoch, ident, 1)).poisson(r))
+            n = int(np.random.default_rng(_seed64(self.seed, self.epoch, ident, 1)).poisson(e))
         return n if self.max_repeats is None else min(n, self.max_repeats)
 
     def _run(self, src: Iterator[Sample]) -> Iterator[Sample]:
@@ -634,7 +664,8 @@ class BalanceStage(_Stage):
             try:
                 y = _label(sample, self.label_key, self.num_classes)
                 new = self._running.updated(y)
-                n = self._copies(sample, y, new)
+                out = self._decayed_out()
+                n = self._copies(sample, y, new, out)
             except Exception as exn:
                 self.partial = 0
                 if self._skip(exn):
@@ -650,17 +681,26 @@ class BalanceStage(_Stage):
             # Commit only after the last copy, so a checkpoint taken mid-repeats replays this input exactly.
             if n == 0:
                 self.stats["rejected"] += 1
+            out[y] += n
             self._running.counts = new
+            self._out = out
             self.position += 1
             self.partial = 0
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"counts": self._running.counts.tolist(), "seed": self.seed}
+        return {"counts": self._running.counts.tolist(), "out_counts": self._out.tolist(), "seed": self.seed}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"state['seed']={state['seed']} does not match this stage's seed={self.seed}")
         self._running.load(state["counts"], self.num_classes)
+        out = np.asarray(state["out_counts"], dtype=np.float64)
+        if out.shape != (self.num_classes,) or not np.all(np.isfinite(out)) or np.any(out < 0):
+            raise ValueError(
+                f"state['out_counts'] must be {self.num_classes} finite non-negative numbers; "
+                f"got {state['out_counts']!r}"
+            )
+        self._out = out
 
 
 def balance_classes(
@@ -673,16 +713,24 @@ def balance_classes(
     repeat: str = "even",
     max_repeats: Optional[int] = None,
     rng: str = "key",
+    correction: float = 0.1,
     handler: Handler = reraise_exception,
 ) -> BalanceStage:
     """Stage: rebalance a stream toward ``target`` class shares in one pass.
 
     Each input of class ``y`` is emitted ``n`` times with ``E[n] = r_y = target_y / share_y``, where ``share_y``
-    is the running estimate of class ``y``'s share of the stream (this sample included). Frequent classes
-    (``r < 1``) are under-sampled by acceptance sampling (kept with probability ``r``); rare classes (``r >= 1``)
-    are repeated: ``repeat="even"`` emits ``floor(r)`` or ``floor(r) + 1`` copies (minimum variance),
-    ``repeat="poisson"`` a Poisson(``r``) number. The output has about as many samples as the input. Repeats
-    after the first are shallow copies of the sample dict.
+    is the running estimate of class ``y``'s share of the stream (this sample included), plus an output-feedback
+    term (``correction``, below). Frequent classes (``E[n] < 1``) are under-sampled by acceptance sampling (kept
+    with probability ``E[n]``); rare classes are repeated: ``repeat="even"`` emits ``floor(E[n])`` or
+    ``floor(E[n]) + 1`` copies (minimum variance), ``repeat="poisson"`` a Poisson(``E[n]``) number. The output
+    has about as many samples as the input. Repeats after the first are shallow copies of the sample dict.
+
+    Why the feedback: copies decided with early, noisy estimates are never taken back, so pure plug-in rates
+    leave the output shares off by the error of those early estimates (for a class with n samples, a relative
+    error ~ sqrt(2 / n): +-2 percentage points for the 500-sample class of a 1:10:100 stream of 55,500). With
+    ``correction = c``, each input of class ``y`` also pays ``c`` times the difference between what the earlier
+    inputs of its class should have produced under the current estimate (``(count_y - 1) * r_y``) and what they
+    did produce; shares then land within ~0.2 points. ``correction=0`` gives the pure plug-in rates.
 
     Args:
         label_key: key of the integer label.
@@ -697,6 +745,7 @@ def balance_classes(
         rng: ``"key"`` (default): draws are a pure function of ``(seed, epoch, __key__, __url__)``, so they do
             not depend on how shards are split over workers/ranks; ``"counter"``: of ``(seed, epoch, position)``
             (for samples without ``__key__``).
+        correction: output-feedback gain in [0, 1] (see above); 0.1 by default.
         handler: webdataset exception handler for bad samples; skipped ones are counted in ``stats["skipped"]``.
 
     Deterministic for a seed and epoch (given the same input order). ``stats`` counts ``seen``, ``emitted``,
@@ -716,6 +765,7 @@ def balance_classes(
         repeat=repeat,
         max_repeats=max_repeats,
         rng=rng,
+        correction=correction,
         handler=handler,
     )
 
@@ -802,6 +852,10 @@ class SelectStage(_Stage):
         # itself is never compared.
         heap: list[tuple[float, int, Sample]] = []
         skip = self.partial
+        # A resumed pass re-reads the whole stream (positions from 0) and skips the samples already emitted;
+        # the loaded stats already counted the scan, so they are restored after it.
+        saved_stats = dict(self.stats) if skip else None
+        self.position = 0
         for sample in src:
             self.stats["seen"] += 1
             try:
@@ -819,6 +873,8 @@ class SelectStage(_Stage):
                 elif entry[:2] > heap[0][:2]:
                     heapq.heapreplace(heap, entry)
             self.position += 1
+        if saved_stats is not None:
+            self.stats = saved_stats
         if self.order == "stream":
             chosen = sorted(heap, key=lambda e: -e[1])
         else:
