@@ -4,15 +4,21 @@ Selection and balancing samplers, weight-emitting datasets and WebDataset stream
 updates and distillation losses. Every public name is re-exported here; each module owns its ``__all__``.
 """
 
+from torch_pretrain_update import decode as _decode
 from torch_pretrain_update import distributed as _distributed
 from torch_pretrain_update import partial as _partial
 from torch_pretrain_update import scores as _scores
+from torch_pretrain_update import stages as _stages
+from torch_pretrain_update import weighted_dataset as _weighted_dataset
 from torch_pretrain_update import weighted_plans as _weighted_plans
 from torch_pretrain_update import weighted_sampler as _weighted_sampler
 from torch_pretrain_update import weights as _weights
+from torch_pretrain_update.decode import *  # noqa: F403
 from torch_pretrain_update.distributed import *  # noqa: F403
 from torch_pretrain_update.partial import *  # noqa: F403
 from torch_pretrain_update.scores import *  # noqa: F403
+from torch_pretrain_update.stages import *  # noqa: F403
+from torch_pretrain_update.weighted_dataset import *  # noqa: F403
 from torch_pretrain_update.weighted_plans import *  # noqa: F403
 from torch_pretrain_update.weighted_sampler import *  # noqa: F403
 from torch_pretrain_update.weights import *  # noqa: F403
@@ -20,4 +26,4 @@ from torch_pretrain_update.weights import *  # noqa: F403
 __version__ = "0.1.0"
 
 __all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__, *_weighted_plans.__all__,
-           *_weighted_sampler.__all__]
+           *_weighted_sampler.__all__, *_decode.__all__, *_stages.__all__, *_weighted_dataset.__all__]
