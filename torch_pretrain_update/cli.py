@@ -1,0 +1,540 @@
+"""The ``pretrain-update`` command line: ``demo``, ``select``, ``weights``, ``inspect``.
+
+Every command prints its help with examples (``pretrain-update select --help``). Bad arguments and unreadable
+or malformed input files end with a one-line message on stderr and exit status 2 (no traceback);
+``inspect`` exits 1 when it finds damage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn, Optional
+
+import numpy as np
+
+__all__: list[str] = []  # a command, not library API
+
+PROG = "pretrain-update"
+EXIT_USAGE = 2
+EXIT_DAMAGED = 1
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (``prog: error: message (see --help)``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message: Any) -> str:
+    return " ".join(str(message).split())
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def _load_npy(path: str, what: str) -> np.ndarray:
+    """``np.load(path, mmap_mode="r")`` (a memory map: nothing is read until used); errors -> CliError."""
+    if not os.path.exists(path):
+        raise CliError(f"{what} file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CliError(f"{what} {path!r} is a directory, not a .npy file")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # ValueError (pickled/object data), OSError, UnpicklingError (not an .npy file) ...
+        raise CliError(f"cannot read {what} {path!r} as a .npy array: {_one_line(exc)}") from exc
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise CliError(f"{what} {path!r} is an .npz archive; pass a single .npy array")
+    if arr.dtype.hasobject:
+        raise CliError(f"{what} {path!r} holds objects; need a numeric array")
+    return arr
+
+
+def _check_output(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"output folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise CliError(f"output {path!r} is a directory")
+    return path
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    """Write ``arr`` to ``path`` exactly (no ``.npy`` appended), atomically."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CliError(f"cannot write {path!r}: {_one_line(exc)}") from exc
+
+
+def _bar(total: int, desc: str, unit: str, args: argparse.Namespace) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=True if args.no_progress else None, leave=False)
+
+
+def _chunk_rows(args: argparse.Namespace, cols: int) -> int:
+    if args.chunk_rows is not None:
+        return args.chunk_rows
+    return max(1, (1 << 22) // max(1, cols))  # ~16 MB of float32 per chunk
+
+
+def _parse_budget(text: str) -> float | int:
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a count (e.g. 1000) or a fraction (e.g. 0.1); got {text!r}")
+        if not 0.0 < value < 1.0:
+            raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1); got {text!r}") from None
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a count must be >= 1; got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text!r}")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    value = _fraction(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------- weights
+def _read_labels(path: str, args: argparse.Namespace, *, what: str = "labels") -> np.ndarray:
+    arr = _load_npy(path, what)
+    if arr.ndim != 1:
+        raise CliError(f"{what} {path!r} must be 1-D (one integer label per row); got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise CliError(f"{what} {path!r} must hold integers; got dtype {arr.dtype}")
+    if arr.shape[0] == 0:
+        raise CliError(f"{what} {path!r} is empty")
+    return arr
+
+
+def _label_counts(labels: np.ndarray, num_classes: Optional[int], args: argparse.Namespace, path: str) -> np.ndarray:
+    """Class counts of a (memory-mapped) label array, chunk by chunk; checks the range on the way."""
+    n = labels.shape[0]
+    rows = args.chunk_rows or (1 << 22)
+    counts = np.zeros(num_classes or 0, dtype=np.int64)
+    with _bar(n, "count labels", "row", args) as bar:
+        for start in range(0, n, rows):
+            part = np.asarray(labels[start : start + rows])
+            lo, hi = int(part.min()), int(part.max())
+            if lo < 0:
+                i = start + int(np.flatnonzero(part < 0)[0])
+                raise CliError(f"labels {path!r} must be >= 0; got {int(labels[i])} at row {i}")
+            if num_classes is not None and hi >= num_classes:
+                i = start + int(np.flatnonzero(part >= num_classes)[0])
+                raise CliError(
+                    f"labels {path!r} must be < --num-classes {num_classes}; got {int(labels[i])} at row {i}"
+                )
+            part_counts = np.bincount(part.astype(np.int64, copy=False), minlength=len(counts))
+            if len(part_counts) > len(counts):
+                counts = np.concatenate([counts, np.zeros(len(part_counts) - len(counts), np.int64)])
+            counts += part_counts
+            bar.update(len(part))
+    return counts
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from torch_pretrain_update.weights import class_weights_from_counts
+
+    labels = _read_labels(args.labels, args)
+    if args.output:
+        _check_output(args.output)
+    counts = _label_counts(labels, args.num_classes, args, args.labels)
+    w = class_weights_from_counts(counts, scheme=args.scheme, beta=args.beta, alpha=args.alpha).numpy()
+    detail = {"effective_number": f", beta={args.beta:g}", "power": f", alpha={args.alpha:g}"}.get(args.scheme, "")
+    print(f"class weights ({args.scheme}{detail}) of {int(counts.sum())} labels in {len(counts)} classes; "
+          "mean weight over the samples = 1")
+    print(f"{'class':>6} {'count':>12} {'weight':>12}")
+    for c, (n, wc) in enumerate(zip(counts, w)):
+        print(f"{c:>6} {int(n):>12} {float(wc):>12.6g}")
+    if args.output:
+        _save_npy(args.output, w.astype(np.float32))
+        print(f"wrote {len(w)} class weights (float32) to {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- select
+SCORE_STRATEGIES = ("entropy", "margin", "least_confidence")
+LABEL_STRATEGIES = ("stratified", "balanced")
+SELECT_STRATEGIES = SCORE_STRATEGIES + ("random",) + LABEL_STRATEGIES
+
+
+def _scores_of(x: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """A float32 score per row: the 1-D input itself, or the uncertainty score of each 2-D row (in chunks)."""
+    from torch_pretrain_update.scores import compute_scores
+
+    if x.ndim == 1:
+        if args.from_logits:
+            raise CliError(f"--from-logits needs a 2-D (N, C) input; {args.input!r} is 1-D (scores)")
+        if x.dtype.kind != "f":
+            raise CliError(f"scores {args.input!r} must be floating point; got dtype {x.dtype}")
+        return x  # the memory map itself: read chunk by chunk below
+    n, c = x.shape
+    out = np.empty(n, dtype=np.float32)
+    rows = _chunk_rows(args, c)
+    with _bar(n, f"score ({args.strategy})", "row", args) as bar:
+        for start in range(0, n, rows):
+            part = x[start : start + rows]
+            try:
+                s = compute_scores(part, args.strategy, from_logits=args.from_logits, name="input")
+            except ValueError as exc:  # a bad row: name it by its row in the file, not in the chunk
+                raise CliError(f"{args.input!r} (rows {start}..{start + len(part) - 1}): {exc}") from exc
+            out[start : start + len(part)] = s.numpy()
+            bar.update(len(part))
+    return out
+
+
+def _check_input_matrix(x: np.ndarray, args: argparse.Namespace) -> None:
+    if x.ndim not in (1, 2):
+        raise CliError(f"{args.input!r} must be 1-D scores (N,) or 2-D probabilities/logits (N, C); "
+                       f"got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise CliError(f"{args.input!r} has no rows")
+    if x.ndim == 2 and args.strategy in SCORE_STRATEGIES:
+        if x.dtype.kind != "f":
+            raise CliError(f"{args.input!r} must be floating point; got dtype {x.dtype}")
+        if x.shape[1] < 2:
+            raise CliError(f"{args.input!r} must have at least 2 columns (classes); got shape {x.shape}")
+
+
+def _topk_chunked(scores: np.ndarray, k: int, args: argparse.Namespace) -> np.ndarray:
+    """Indices of the ``k`` highest scores, ties broken towards the lower index, sorted ascending.
+
+    Why not one ``torch.topk`` over everything: on 1e8 rows it needs the whole score vector as a tensor plus
+    full-size temporaries, and its order among equal scores is unspecified. Here one pass keeps a running top-k
+    (``torch.topk`` per chunk, merged), which gives the k-th largest value ``t`` exactly; a second pass keeps
+    every index with a score above ``t`` and the lowest indices with a score equal to ``t``.
+    """
+    import torch
+
+    n = scores.shape[0]
+    rows = args.chunk_rows or (1 << 22)
+    best = torch.empty(0, dtype=torch.float32)
+    with _bar(n, "top-k (pass 1/2)", "row", args) as bar:
+        for start in range(0, n, rows):
+            part = torch.from_numpy(np.array(scores[start : start + rows], dtype=np.float32))
+            if not bool(torch.isfinite(part).all()):
+                i = start + int(torch.nonzero(~torch.isfinite(part))[0, 0])
+                raise CliError(f"scores must be finite; {args.input!r} has {float(scores[i])} at row {i}")
+            cand = torch.cat([best, torch.topk(part, min(k, len(part)), sorted=False).values])
+            best = torch.topk(cand, min(k, len(cand)), sorted=False).values
+            bar.update(len(part))
+    threshold = float(best.min())
+    above: list[np.ndarray] = []
+    equal: list[np.ndarray] = []
+    n_equal_needed = k - int((best > threshold).sum())
+    n_equal = 0
+    with _bar(n, "top-k (pass 2/2)", "row", args) as bar:
+        for start in range(0, n, rows):
+            part = np.asarray(scores[start : start + rows], dtype=np.float32)
+            above.append(start + np.flatnonzero(part > threshold))
+            if n_equal < n_equal_needed:
+                eq = start + np.flatnonzero(part == threshold)[: n_equal_needed - n_equal]
+                equal.append(eq)
+                n_equal += len(eq)
+            bar.update(len(part))
+    out = np.concatenate(above + equal).astype(np.int64)
+    out.sort()
+    return out
+
+
+def _budget_count(budget: float | int, n: int) -> int:
+    if isinstance(budget, float):
+        k = int(round(budget * n))
+        if k < 1:
+            raise CliError(f"--budget {budget} of {n} rows selects nothing; ask for at least one row")
+        return k
+    if budget > n:
+        raise CliError(f"--budget {budget} is larger than the number of rows ({n})")
+    return budget
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    x = _load_npy(args.input, "input")
+    _check_output(args.output)
+    _check_input_matrix(x, args)
+    n = x.shape[0]
+    k = _budget_count(args.budget, n)
+    if args.strategy in LABEL_STRATEGIES and args.labels is None:
+        raise CliError(f"--strategy {args.strategy} needs --labels LABELS.npy")
+    labels = None
+    if args.labels is not None:
+        labels = _read_labels(args.labels, args)
+        if labels.shape[0] != n:
+            raise CliError(f"--labels {args.labels!r} has {labels.shape[0]} rows but {args.input!r} has {n}")
+    if args.strategy not in SCORE_STRATEGIES and args.mode != "topk":
+        raise CliError(f"--mode applies to the score strategies {SCORE_STRATEGIES}, not to {args.strategy!r}")
+    t0 = time.perf_counter()
+    if args.strategy in SCORE_STRATEGIES:
+        scores = _scores_of(x, args)
+        if args.mode == "topk":
+            idx = _topk_chunked(scores, k, args)
+        else:
+            raise CliError("--mode proportional is not available yet")
+    else:
+        raise CliError(f"--strategy {args.strategy} is not available yet")
+    _save_npy(args.output, idx)
+    took = time.perf_counter() - t0
+    print(f"selected {len(idx)} of {n} rows ({args.strategy}"
+          f"{', ' + args.mode if args.strategy in SCORE_STRATEGIES else ''}) in {took:.2f} s -> {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from torch_pretrain_update.demo import find_manifest
+    from torch_pretrain_update.shards import expand_urls, inspect_shards
+
+    urls: list[str] = []
+    for pattern in args.shards:
+        urls.extend(expand_urls(pattern))
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if local and not any(os.path.exists(u) for u in local):
+        raise CliError(f"no such shard file: {local[0]!r}" + (f" (nor any of the {len(local)} given)"
+                                                               if len(local) > 1 else ""))
+    manifest = args.manifest
+    if manifest is not None and not os.path.isfile(manifest):
+        raise CliError(f"manifest {manifest!r} does not exist")
+    if manifest is None and not args.no_manifest:
+        manifest = find_manifest(urls)
+    report = inspect_shards(urls, manifest, label_key=args.label_key, num_classes=args.num_classes,
+                            progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        if manifest is None:
+            print("manifest: none (counts not checked against one; pass --manifest)")
+        else:
+            print(f"manifest: {manifest}")
+        print(report.format())
+    return 0 if report.ok else EXIT_DAMAGED
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from torch_pretrain_update.demo import DemoConfig, run_demo
+
+    overrides: dict[str, Any] = {"out": args.out, "seed": args.seed, "label_key": args.label_key,
+                                 "input_key": args.input_key, "data": args.data,
+                                 "progress": False if args.no_progress else None}
+    for name in ("seeds", "budget", "rounds"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    cfg = DemoConfig.quick_config(**overrides) if args.quick else DemoConfig(**overrides)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create --out {cfg.out!r}: {_one_line(exc)}") from exc
+    result = run_demo(cfg)
+    print(result["table"])
+    print(f"\nwrote {', '.join(result['files'])} (total {result['wall_s']:.1f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+_MAIN_EXAMPLES = f"""\
+examples:
+  {PROG} demo --out demo_out                  # the end-to-end comparison on sklearn's digits (~1-3 min)
+  {PROG} demo --quick --out /tmp/demo          # a reduced run (seconds)
+  {PROG} select probs.npy --budget 0.1 --strategy entropy -o keep.npy
+  {PROG} weights labels.npy --scheme effective_number --beta 0.999
+  {PROG} inspect 'shards/train-{{000000..000009}}.tar'
+
+Run '{PROG} COMMAND --help' for a command's options.
+"""
+
+_DEMO_HELP = f"""\
+Pretrain a small network on an imbalanced "old" slice of sklearn's digits (written into WebDataset shards under
+--out), then update it on a shifted "new" distribution (rare classes now common, images shifted and noisy) with
+a budget, comparing selection strategies (random, stratified, entropy top-k / proportional, class-balanced,
+a random/entropy mix, multi-round selection) x update methods (fine-tuning, partial update, KD from the old
+model). Writes report.md, results.json and results.png to --out and prints the table.
+
+examples:
+  {PROG} demo                                  # full run into ./demo_out
+  {PROG} demo --quick --out /tmp/demo          # reduced run: 2 seeds, few epochs
+  {PROG} demo --seeds 5 --budget 0.05
+  {PROG} demo --data 'mydata/train-{{000000..000003}}.tar' --label-key cls --out my_demo
+"""
+
+_SELECT_HELP = f"""\
+Select rows of a large scored dataset offline. INPUT is a .npy file: 1-D scores (higher = pick first) or 2-D
+(N, C) probabilities (or logits with --from-logits), scored by --strategy. The input is memory-mapped and
+processed in chunks (N = 1e8 rows fit in a few GB). Writes the chosen row indices (int64, sorted, no
+duplicates) to -o.
+
+top-k picks the K highest scores (ties: lower row first).
+
+examples:
+  {PROG} select probs.npy --budget 100000 --strategy entropy -o keep.npy
+  {PROG} select logits.npy --from-logits --budget 0.1 --strategy margin -o keep.npy
+  {PROG} select scores.npy --budget 5000 --strategy entropy --mode proportional --seed 1 -o keep.npy
+  {PROG} select probs.npy --budget 0.1 --strategy stratified --labels labels.npy -o keep.npy
+"""
+
+_WEIGHTS_HELP = f"""\
+Class weights from a .npy file of integer labels (memory-mapped, counted in chunks). The weights are
+normalised so that the mean weight over the samples is 1. Prints a table; -o writes them (float32, one per
+class) to a .npy file.
+
+schemes: inverse (1/n_c), sqrt_inverse (1/sqrt(n_c)), effective_number ((1-beta)/(1-beta^n_c)),
+power (n_c^(alpha-1)), uniform.
+
+examples:
+  {PROG} weights labels.npy --scheme effective_number --beta 0.999
+  {PROG} weights labels.npy --scheme inverse --num-classes 10 -o class_weights.npy
+"""
+
+_INSPECT_HELP = f"""\
+Read every member of every shard (nothing is decoded except the label) and report per-shard sample counts,
+the class histogram, members that would be unpickled by a default decoder, and damage: truncated or corrupt
+tar data, and counts, histograms, sizes or SHA-256 that differ from the manifest. The manifest written by
+write_shards next to the shards (train-000000.tar -> train-manifest.json) is used when present.
+Exit status: 0 all shards healthy, 1 damage found, 2 bad arguments.
+
+examples:
+  {PROG} inspect 'shards/train-{{000000..000009}}.tar'
+  {PROG} inspect shards/*.tar --manifest shards/train-manifest.json --json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from torch_pretrain_update.weights import WEIGHT_SCHEMES
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog=PROG, description="Update pretrained models on new data: selection, weighting, "
+                     "inspection, and an end-to-end demo.", epilog=_MAIN_EXAMPLES, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="compare update strategies end to end on sklearn's digits",
+                       description=_DEMO_HELP, formatter_class=fmt)
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
+    p.add_argument("--quick", action="store_true", help="reduced run (2 seeds, few epochs; used by the tests)")
+    p.add_argument("--seeds", type=_positive_int, metavar="N", help="number of seeds (default 3; --quick: 2)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="first seed (default 0)")
+    p.add_argument("--budget", type=_open_fraction, metavar="F",
+                   help="fraction of the new pool the update may use (default 0.1)")
+    p.add_argument("--rounds", type=_positive_int, metavar="R",
+                   help="rounds of the multi-round strategies (default 4; --quick: 2)")
+    p.add_argument("--data", metavar="PATTERN", help="your own WebDataset shards instead of the digits")
+    p.add_argument("--label-key", default="cls", metavar="K", help="label member of --data (default: cls)")
+    p.add_argument("--input-key", metavar="K", help="input member of --data (default: npy, png, jpg, ...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("select", help="offline selection of K rows from scores or probabilities",
+                       description=_SELECT_HELP, formatter_class=fmt)
+    p.add_argument("input", metavar="SCORES_OR_PROBS.npy")
+    p.add_argument("--budget", type=_parse_budget, required=True, metavar="K",
+                   help="rows to select: a count, or a fraction of the rows such as 0.1")
+    p.add_argument("--strategy", required=True, choices=SELECT_STRATEGIES)
+    p.add_argument("--from-logits", action="store_true", help="the 2-D input holds logits, not probabilities")
+    p.add_argument("--labels", metavar="LABELS.npy", help="integer labels (stratified, balanced)")
+    p.add_argument("--mode", choices=("topk", "proportional"), default="topk",
+                   help="score strategies: the K highest (topk, default) or a draw with probability "
+                        "proportional to the score")
+    p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="seed of the random draws (default 0)")
+    p.add_argument("-o", "--output", required=True, metavar="INDICES.npy")
+    p.add_argument("--chunk-rows", type=_positive_int, metavar="N", help="rows per chunk (default: ~16 MB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("weights", help="class weights from integer labels", description=_WEIGHTS_HELP,
+                       formatter_class=fmt)
+    p.add_argument("labels", metavar="LABELS.npy")
+    p.add_argument("--scheme", choices=WEIGHT_SCHEMES, default="inverse", help="(default: inverse)")
+    p.add_argument("--beta", type=float, default=0.999, help="effective_number: beta in [0, 1) (default 0.999)")
+    p.add_argument("--alpha", type=float, default=0.5, help="power: alpha in [0, 1] (default 0.5)")
+    p.add_argument("--num-classes", type=_positive_int, metavar="C", help="default: max(label) + 1")
+    p.add_argument("-o", "--output", metavar="WEIGHTS.npy", help="also write the weights here")
+    p.add_argument("--chunk-rows", type=_positive_int, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("inspect", help="per-shard counts, class histogram, integrity against the manifest",
+                       description=_INSPECT_HELP, formatter_class=fmt)
+    p.add_argument("shards", nargs="+", metavar="SHARDS", help="shard paths or brace patterns")
+    p.add_argument("--manifest", metavar="PATH", help="manifest to check against (default: found next to them)")
+    p.add_argument("--no-manifest", action="store_true", help="do not look for a manifest")
+    p.add_argument("--label-key", metavar="K", help="label member (default: the manifest's, else cls)")
+    p.add_argument("--num-classes", type=_positive_int, metavar="C", help="labels must be below C")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``pretrain-update`` (and ``python -m torch_pretrain_update``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    where = f"{PROG} {args.command}"
+    debug = bool(os.environ.get("PRETRAIN_UPDATE_DEBUG"))  # set it to see the traceback of an error
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        if debug:
+            raise
+        print(f"{where}: error: {_one_line(exc)}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as exc:  # the library's argument and file errors
+        if debug:
+            raise
+        print(f"{where}: error: {_one_line(exc)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
