@@ -423,6 +423,26 @@ def test_balance_toward_a_given_target_and_is_deterministic(imbalanced):
     assert np.all(np.abs(shares - np.array(target)) <= 0.02), shares
 
 
+def test_balance_prior_counts_seed_the_estimates_without_bursts(imbalanced):
+    xs = imbalanced[:20000]
+    prior = [500, 5000, 50000]
+    stage = balance_classes(num_classes=3, seed=2, prior_counts=prior)
+    out = [(s["__key__"], s["cls"]) for s in stage(xs)]
+    shares = np.bincount([y for _, y in out], minlength=3) / len(out)
+    assert np.all(np.abs(shares - 1 / 3) <= 0.02), shares
+    copies = np.unique([k for k, _ in out], return_counts=True)[1]
+    r_max = (1 / 3) / (500 / 55500)  # ~37 copies for the rarest class; the feedback at most doubles it
+    assert copies.max() <= 2 * r_max + 1
+    # the same prior injected through the state (as a stream factory may do) gives the same stream
+    injected = balance_classes(num_classes=3, seed=2)
+    state = injected.state_dict()
+    state["counts"] = prior
+    injected.load_state_dict(state)
+    assert [(s["__key__"], s["cls"]) for s in injected(xs)] == out
+    with pytest.raises(ValueError, match="prior_counts must have num_classes=3 entries; got 2"):
+        balance_classes(num_classes=3, prior_counts=[1, 2])
+
+
 def test_balance_with_key_rng_does_not_depend_on_the_position():
     """rng='key': the draw of a sample is a function of (seed, epoch, __key__, __url__) only."""
     samples = [{"__key__": f"k{i}", "cls": 0} for i in range(200)]

@@ -603,6 +603,7 @@ class BalanceStage(_Stage):
         max_repeats: Optional[int] = None,
         rng: str = "key",
         correction: float = 0.1,
+        prior_counts: Any = None,
         handler: Handler = reraise_exception,
     ) -> None:
         super().__init__(handler)
@@ -622,10 +623,18 @@ class BalanceStage(_Stage):
         self.max_repeats = None if max_repeats is None else check_int(max_repeats, "max_repeats", min_value=1)
         self.rng = check_choice(rng, "rng", ("key", "counter"))
         self.correction = check_float(correction, "correction", low=0.0, high=1.0)
+        # Share estimates (may start from a prior), inputs actually processed, and copies emitted per class;
+        # all three decay alike with momentum.
         self._running = _RunningCounts(self.num_classes, self.momentum)
-        self._out = np.zeros(
-            self.num_classes, dtype=np.float64
-        )  # copies emitted per class (decayed likewise)
+        self._seen = _RunningCounts(self.num_classes, self.momentum)
+        self._out = np.zeros(self.num_classes, dtype=np.float64)
+        if prior_counts is not None:
+            prior = check_vector(prior_counts, "prior_counts", allow_all_zero=True)
+            if prior.numel() != self.num_classes:
+                raise ValueError(
+                    f"prior_counts must have num_classes={self.num_classes} entries; got {prior.numel()}"
+                )
+            self._running.counts = prior.numpy().copy()
         self.stats.update({"rejected": 0, "repeated": 0})
 
     def expected_copies(self, counts: Any = None) -> np.ndarray:
@@ -642,12 +651,15 @@ class BalanceStage(_Stage):
     def _decayed_out(self) -> np.ndarray:
         return self._out * self._running.decay if self._running.decay is not None else self._out.copy()
 
-    def _copies(self, sample: Any, y: int, new_counts: np.ndarray, out: np.ndarray) -> int:
+    def _copies(
+        self, sample: Any, y: int, new_counts: np.ndarray, seen_before: float, out: np.ndarray
+    ) -> int:
         r = self.target[y] * new_counts.sum() / new_counts[y]
-        # Output feedback: by the current (best) estimate, the earlier inputs of class y should have produced
-        # (count_y - 1) * r copies; pay `correction` of the difference to what they did produce now.
-        debt = (new_counts[y] - 1.0) * r - out[y]
-        e = max(0.0, r + self.correction * debt)
+        # Output feedback: by the current (best) estimate, the earlier inputs of class y this stage processed
+        # should have produced seen_before * r copies; pay `correction` of the difference to what they did
+        # produce, at most r either way (no bursts: 0 <= E[n] <= 2 r).
+        debt = seen_before * r - out[y]
+        e = r + min(r, max(-r, self.correction * debt))
         ident = _ident(sample, self.rng, self.position)
         if e < 1.0:
             return int(_uniform(self.seed, self.epoch, ident) < e)
@@ -664,8 +676,9 @@ class BalanceStage(_Stage):
             try:
                 y = _label(sample, self.label_key, self.num_classes)
                 new = self._running.updated(y)
+                seen = self._seen.updated(y)
                 out = self._decayed_out()
-                n = self._copies(sample, y, new, out)
+                n = self._copies(sample, y, new, seen[y] - 1.0, out)
             except Exception as exn:
                 self.partial = 0
                 if self._skip(exn):
@@ -683,17 +696,24 @@ class BalanceStage(_Stage):
                 self.stats["rejected"] += 1
             out[y] += n
             self._running.counts = new
+            self._seen.counts = seen
             self._out = out
             self.position += 1
             self.partial = 0
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"counts": self._running.counts.tolist(), "out_counts": self._out.tolist(), "seed": self.seed}
+        return {
+            "counts": self._running.counts.tolist(),
+            "seen_counts": self._seen.counts.tolist(),
+            "out_counts": self._out.tolist(),
+            "seed": self.seed,
+        }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"state['seed']={state['seed']} does not match this stage's seed={self.seed}")
         self._running.load(state["counts"], self.num_classes)
+        self._seen.load(state["seen_counts"], self.num_classes)
         out = np.asarray(state["out_counts"], dtype=np.float64)
         if out.shape != (self.num_classes,) or not np.all(np.isfinite(out)) or np.any(out < 0):
             raise ValueError(
@@ -714,6 +734,7 @@ def balance_classes(
     max_repeats: Optional[int] = None,
     rng: str = "key",
     correction: float = 0.1,
+    prior_counts: Any = None,
     handler: Handler = reraise_exception,
 ) -> BalanceStage:
     """Stage: rebalance a stream toward ``target`` class shares in one pass.
@@ -729,8 +750,9 @@ def balance_classes(
     leave the output shares off by the error of those early estimates (for a class with n samples, a relative
     error ~ sqrt(2 / n): +-2 percentage points for the 500-sample class of a 1:10:100 stream of 55,500). With
     ``correction = c``, each input of class ``y`` also pays ``c`` times the difference between what the earlier
-    inputs of its class should have produced under the current estimate (``(count_y - 1) * r_y``) and what they
-    did produce; shares then land within ~0.2 points. ``correction=0`` gives the pure plug-in rates.
+    inputs of its class should have produced under the current estimate (``(seen_y - 1) * r_y``) and what they
+    did produce, bounded so that ``0 <= E[n] <= 2 r_y``; shares then land within ~0.2 points.
+    ``correction=0`` gives the pure plug-in rates.
 
     Args:
         label_key: key of the integer label.
@@ -746,6 +768,10 @@ def balance_classes(
             not depend on how shards are split over workers/ranks; ``"counter"``: of ``(seed, epoch, position)``
             (for samples without ``__key__``).
         correction: output-feedback gain in [0, 1] (see above); 0.1 by default.
+        prior_counts: class counts known in advance (e.g. a shard manifest's histogram) that the share
+            estimates start from, so the first samples are not balanced from a handful of observations. They
+            set ``state_dict()["counts"]`` (the estimates) only; the feedback counts what this stage processed
+            (``"seen_counts"``) and emitted (``"out_counts"``).
         handler: webdataset exception handler for bad samples; skipped ones are counted in ``stats["skipped"]``.
 
     Deterministic for a seed and epoch (given the same input order). ``stats`` counts ``seen``, ``emitted``,
@@ -766,6 +792,7 @@ def balance_classes(
         max_repeats=max_repeats,
         rng=rng,
         correction=correction,
+        prior_counts=prior_counts,
         handler=handler,
     )
 
