@@ -1,4 +1,4 @@
-"""Plan functions of weighted_plans, tested alone (no DataLoader) against independent numpy/scipy references."""
+"""Plan functions of weighted_plans, alone (no DataLoader), against independent numpy/scipy references."""
 
 from __future__ import annotations
 
@@ -196,7 +196,9 @@ def test_without_replacement_streamed_blocks_equal_exact_k_smallest_keys(monkeyp
     keys = torch.cat([wp._key_block(w, b, 4, 9, ()) for b in range(20)])
     ref = np.sort(np.argsort(keys.numpy(), kind="stable")[:k])
     assert plan.tolist() == ref.tolist()
-    shuffled = weighted_sample_without_replacement(w, k, seed=4, epoch=9, shuffle=True, index_dtype=torch.int32)
+    shuffled = weighted_sample_without_replacement(
+        w, k, seed=4, epoch=9, shuffle=True, index_dtype=torch.int32
+    )
     assert shuffled.dtype == torch.int32
     assert sorted(shuffled.tolist()) == ref.tolist()
 

@@ -1,4 +1,4 @@
-"""WeightedSampler: drop-in behaviour, rank split, resume with StatefulDataLoader, N beyond 2**24, bad input."""
+"""WeightedSampler: drop-in use, rank split, resume with StatefulDataLoader, N beyond 2**24, bad input."""
 
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ def test_plan_identical_for_every_world_size(small_chunks, replacement, drop_las
         assert len(set(plan)) == n
 
     def make(world, r):
-        s = WeightedSampler(w, n, replacement=replacement, seed=7, num_replicas=world, rank=r, drop_last=drop_last)
+        s = WeightedSampler(
+            w, n, replacement=replacement, seed=7, num_replicas=world, rank=r, drop_last=drop_last
+        )
         s.set_epoch(3)
         return s
 
@@ -205,8 +207,16 @@ def test_resume_is_o1_no_chunk_before_the_position_is_drawn(small_chunks, monkey
 @pytest.mark.parametrize(
     ("kwargs", "exc", "pattern"),
     [
-        ({"weights": torch.tensor([1.0, float("nan")])}, ValueError, "weights must be finite; got nan at index 1"),
-        ({"weights": torch.tensor([1.0, -2.0])}, ValueError, "weights must be non-negative; got -2.0 at index 1"),
+        (
+            {"weights": torch.tensor([1.0, float("nan")])},
+            ValueError,
+            "weights must be finite; got nan at index 1",
+        ),
+        (
+            {"weights": torch.tensor([1.0, -2.0])},
+            ValueError,
+            "weights must be non-negative; got -2.0 at index 1",
+        ),
         ({"weights": torch.zeros(3)}, ValueError, "weights must have at least one positive entry"),
         ({"weights": torch.ones(2, 2)}, ValueError, r"weights must be 1-D; got shape \(2, 2\)"),
         ({"weights": []}, ValueError, "weights must not be empty"),
@@ -216,8 +226,11 @@ def test_resume_is_o1_no_chunk_before_the_position_is_drawn(small_chunks, monkey
         ({"num_samples": 2.5}, TypeError, "num_samples must be an int; got 2.5"),
         ({"num_samples": True}, TypeError, "num_samples must be an int; got True"),
         ({"replacement": "yes"}, TypeError, "replacement must be a bool; got 'yes'"),
-        ({"replacement": False, "num_samples": 4}, ValueError,
-         r"num_samples must be <= the number of positive weights \(3 of 4\) when replacement=False; got 4"),
+        (
+            {"replacement": False, "num_samples": 4},
+            ValueError,
+            r"num_samples must be <= the number of positive weights \(3 of 4\) when replacement=False; got 4",
+        ),
         ({"seed": 1.5}, TypeError, "seed must be an int; got 1.5"),
         ({"shuffle": 1}, TypeError, "shuffle must be a bool; got 1"),
         ({"num_replicas": 0}, ValueError, "num_replicas must be >= 1; got 0"),

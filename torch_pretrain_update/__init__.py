@@ -6,6 +6,7 @@ updates and distillation losses. Every public name is re-exported here; each mod
 
 from torch_pretrain_update import decode as _decode
 from torch_pretrain_update import distributed as _distributed
+from torch_pretrain_update import entropy_sampler as _entropy_sampler
 from torch_pretrain_update import partial as _partial
 from torch_pretrain_update import scores as _scores
 from torch_pretrain_update import stages as _stages
@@ -15,6 +16,7 @@ from torch_pretrain_update import weighted_sampler as _weighted_sampler
 from torch_pretrain_update import weights as _weights
 from torch_pretrain_update.decode import *  # noqa: F403
 from torch_pretrain_update.distributed import *  # noqa: F403
+from torch_pretrain_update.entropy_sampler import *  # noqa: F403
 from torch_pretrain_update.partial import *  # noqa: F403
 from torch_pretrain_update.scores import *  # noqa: F403
 from torch_pretrain_update.stages import *  # noqa: F403
@@ -26,4 +28,5 @@ from torch_pretrain_update.weights import *  # noqa: F403
 __version__ = "0.1.0"
 
 __all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__, *_weighted_plans.__all__,
-           *_weighted_sampler.__all__, *_decode.__all__, *_stages.__all__, *_weighted_dataset.__all__]
+           *_weighted_sampler.__all__, *_entropy_sampler.__all__, *_decode.__all__, *_stages.__all__,
+           *_weighted_dataset.__all__]

@@ -2,16 +2,17 @@
 
 - **With replacement** (:func:`weighted_draws`, :func:`weighted_draw_chunk`): inverse-CDF draws on a float64
   cumulative sum (:class:`CumulativeWeights`) with ``torch.searchsorted``. ``torch.multinomial`` (and hence
-  ``WeightedRandomSampler``) refuses more than 2**24 categories and draws the whole plan at once; here the plan is
-  cut into chunks of :data:`DRAW_CHUNK` draws, chunk ``j`` drawn from its own generator seeded by
+  ``WeightedRandomSampler``) refuses more than 2**24 categories and draws the whole plan at once; here the
+  plan is cut into chunks of :data:`DRAW_CHUNK` draws, chunk ``j`` drawn from its own generator seeded by
   ``(seed, epoch, j)``, so the first index is out after one chunk and any position is reached in O(1).
 - **Without replacement** (:func:`weighted_sample_without_replacement`): exponential keys
   ``k_i = E_i / w_i`` with ``E_i ~ Exp(1)`` (Efraimidis & Spirakis 2006, the Gumbel-top-k trick in another
   guise): the ``num_samples`` smallest keys are a weighted draw without replacement. Keys are generated in
   blocks of :data:`KEY_BLOCK`, each from its own generator, and never stored whole: one pass estimates the
-  cut-off from a sample of the keys, a second pass regenerates the blocks and keeps the indices below it (plus a
-  small band around it, resolved exactly). Extra memory is the selection itself (4 bytes per selected index
-  while ``N < 2**31``), about 12 bytes per selected index at the peak while it is shuffled, plus one block.
+  cut-off from a sample of the keys, a second pass regenerates the blocks and keeps the indices below it
+  (plus a small band around it, resolved exactly). Extra memory is the selection itself (4 bytes per
+  selected index while ``N < 2**31``), about 12 bytes per selected index at the peak while it is shuffled,
+  plus one block.
 - **Top-k by score** (:func:`topk_indices`): exactly the ``k`` highest scores, ties broken by lower index.
 - **The EntropySampler plan** (:func:`entropy_plan`, :func:`entropy_plan_parts`): top-k or proportional to
   ``score ** (1 / temperature)``, with ``random_fraction``, ``exclude`` and ``stratify``.
@@ -70,9 +71,9 @@ _S_ORDER = 104
 _S_RANDOM_PART = 105
 _S_CLASS = 106
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 # input checks specific to weights, exclusion and scores
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 
 
 def _first_index(t: torch.Tensor, pred: Any) -> int:
@@ -168,18 +169,18 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2**31 else torch.int64
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 # with replacement: chunked inverse-CDF draws
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 
 
 class CumulativeWeights:
     """The float64 cumulative sum of a weight vector, for inverse-CDF draws with ``torch.searchsorted``.
 
-    8 bytes per weight, built in place (one float64 copy of the weights, then ``cumsum_``). Index ``i`` is drawn
-    when a uniform ``u`` in ``[0, total)`` falls in ``[cumsum[i-1], cumsum[i])``, so a zero weight is never
-    drawn. float64 keeps every probability within about ``N * 2**-53`` of the total, relative (float32 would
-    lose weights below ``2**-24`` of the total, i.e. uniform weights beyond 16.7M samples).
+    8 bytes per weight, built in place (one float64 copy of the weights, then ``cumsum_``). Index ``i`` is
+    drawn when a uniform ``u`` in ``[0, total)`` falls in ``[cumsum[i-1], cumsum[i])``, so a zero weight is
+    never drawn. float64 keeps every probability within about ``N * 2**-53`` of the total, relative (float32
+    would lose weights below ``2**-24`` of the total, i.e. uniform weights beyond 16.7M samples).
 
     Args:
         weights: validated 1-D non-negative weights (see :func:`check_weights`).
@@ -197,7 +198,7 @@ class CumulativeWeights:
         return self.cumsum.numel()
 
     def probabilities(self, indices: torch.Tensor) -> torch.Tensor:
-        """float64 draw probabilities ``w_i / sum(w)`` of ``indices`` as represented by the cumulative sums."""
+        """float64 draw probabilities ``w_i / sum(w)`` of ``indices`` as the cumulative sums hold them."""
         idx = indices.to(torch.int64)
         hi = self.cumsum[idx]
         lo = torch.where(idx > 0, self.cumsum[(idx - 1).clamp_min(0)], torch.zeros((), dtype=torch.float64))
@@ -320,17 +321,19 @@ def weighted_draws(
         >>> sorted(set(plan.tolist())) <= [1, 2]
         True
     """
-    parts = list(iter_weighted_draws(weights, num_samples, seed=seed, epoch=epoch, shuffle=shuffle, stream=stream))
+    parts = list(
+        iter_weighted_draws(weights, num_samples, seed=seed, epoch=epoch, shuffle=shuffle, stream=stream)
+    )
     return torch.cat(parts)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 # without replacement: exponential keys, exact k smallest over regenerated blocks
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 
 
 def _select_k(values: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor:
-    """Indices (ascending, int64) of the ``k`` largest (or smallest) values, equal values taken by lower index.
+    """Indices (ascending, int64) of the ``k`` largest (or smallest) values; equal values by lower index.
 
     Exact: the k-th value is found (``torch.topk`` for small k, ``torch.kthvalue`` otherwise), everything
     strictly better is taken, and the remaining places go to the lowest indices equal to the k-th value.
@@ -349,9 +352,7 @@ def _select_k(values: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor:
     return torch.sort(out).values
 
 
-def _key_block(
-    weights: torch.Tensor, b: int, seed: int, epoch: int, stream: tuple[int, ...]
-) -> torch.Tensor:
+def _key_block(weights: torch.Tensor, b: int, seed: int, epoch: int, stream: tuple[int, ...]) -> torch.Tensor:
     s = b * KEY_BLOCK
     w = weights[s : s + KEY_BLOCK]
     g = epoch_generator(seed, epoch, _S_KEYS, *stream, b)
@@ -382,8 +383,8 @@ def _k_smallest_keys(
     s = sample_sorted.numel()
     q = k / n
     # the cut-off's rank in the sample +- z standard deviations of a binomial count (+2 for rounding); if the
-    # estimate misses (a rare event, or very uneven weights) widen it, and at last take every finite key as the
-    # band (exact either way, only slower and larger)
+    # estimate misses (a rare event, or very uneven weights) widen it, and at last take every finite key as
+    # the band (exact either way, only slower and larger)
     for z in (6.0, 48.0, math.inf):
         t_lo, t_hi = -math.inf, math.inf
         if math.isfinite(z):
@@ -416,7 +417,8 @@ def _k_smallest_keys(
     need = k - count_below
     bk, bi = torch.cat(band_keys), torch.cat(band_idx)
     del band_keys, band_idx
-    order = torch.sort(bk, stable=True).indices[:need]  # band in index order: stable sort = ties by lower index
+    # the band is in index order, so a stable sort breaks ties by lower index
+    order = torch.sort(bk, stable=True).indices[:need]
     picked = torch.sort(bi[order]).values.to(index_dtype)
     return torch.cat([*below, picked])
 
@@ -498,9 +500,9 @@ def _order(sel: torch.Tensor, seed: int, epoch: int, shuffle: bool, stream: tupl
     return torch.sort(sel).values
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 # scores: top-k and power weights
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 
 
 def _check_scores(scores: Any, name: str = "scores", *, non_negative: bool) -> torch.Tensor:
@@ -522,7 +524,9 @@ def _check_scores(scores: Any, name: str = "scores", *, non_negative: bool) -> t
         raise ValueError(f"{name} must be finite; got {t[i].item()} at index {i}")
     if non_negative and float(lo) < 0:
         i = _first_index(t, lambda c: c < 0)
-        raise ValueError(f"{name} must be non-negative for mode='proportional'; got {t[i].item()} at index {i}")
+        raise ValueError(
+            f"{name} must be non-negative for mode='proportional'; got {t[i].item()} at index {i}"
+        )
     return t
 
 
@@ -569,7 +573,9 @@ def power_weights(scores: Any, temperature: float = 1.0) -> torch.Tensor:
     temperature = check_float(temperature, "temperature", low=0.0, low_inclusive=False)
     m = float(s.max())
     if m <= 0:
-        raise ValueError(f"scores must have at least one positive entry for mode='proportional'; all {s.numel()} are 0")
+        raise ValueError(
+            f"scores must have at least one positive entry for mode='proportional'; all {s.numel()} are 0"
+        )
     return _power(s, temperature, m)
 
 
@@ -580,9 +586,9 @@ def _power(s: torch.Tensor, temperature: float, m: float) -> torch.Tensor:
     return w
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 # the EntropySampler plan
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 
 MODES = ("topk", "proportional")
 
@@ -597,7 +603,9 @@ def _split_counts(num_samples: int, random_fraction: float) -> tuple[int, int]:
     return num_samples - n_rand, n_rand
 
 
-def _quotas(labels: torch.Tensor, num_classes: int, pool: torch.Tensor, n: int, min_per_class: int) -> torch.Tensor:
+def _quotas(
+    labels: torch.Tensor, num_classes: int, pool: torch.Tensor, n: int, min_per_class: int
+) -> torch.Tensor:
     from torch_pretrain_update.plans import stratified_quotas  # the same quotas as StratifiedSampler
 
     counts = torch.bincount(labels[pool], minlength=num_classes)
@@ -624,7 +632,9 @@ def _validate_plan_args(
     random_fraction = check_float(random_fraction, "random_fraction", low=0.0, high=1.0)
     min_per_class = check_int(min_per_class, "min_per_class", min_value=0)
     if replacement and mode == "topk":
-        raise ValueError("replacement=True needs mode='proportional' (top-k selects distinct indices); got mode='topk'")
+        raise ValueError(
+            "replacement=True needs mode='proportional' (top-k selects distinct indices); got mode='topk'"
+        )
     mask = exclude_mask(exclude, n)
     pool_size = n - (int(mask.sum()) if mask is not None else 0)
     if pool_size == 0:
@@ -694,8 +704,8 @@ class _PlanInputs:
                 if short.numel():
                     c = int(short[0])
                     raise ValueError(
-                        f"stratify: class {c} has quota {int(self.quotas[c])} but no positive selectable score "
-                        "to draw from; use mode='topk' or a larger temperature"
+                        f"stratify: class {c} has quota {int(self.quotas[c])} but no positive selectable "
+                        "score to draw from; use mode='topk' or a larger temperature"
                     )
             return
         if self.quotas is None:
@@ -712,9 +722,9 @@ class _PlanInputs:
         if short.numel():
             c = int(short[0])
             raise ValueError(
-                f"stratify: class {c} has quota {int(self.quotas[c])} but only {int(pos_per_class[c])} positive "
-                "selectable scores for a proportional draw without replacement; use replacement=True or "
-                "mode='topk'"
+                f"stratify: class {c} has quota {int(self.quotas[c])} but only {int(pos_per_class[c])} "
+                "positive selectable scores for a proportional draw without replacement; use "
+                "replacement=True or mode='topk'"
             )
 
     def class_members(self, c: int) -> torch.Tensor:

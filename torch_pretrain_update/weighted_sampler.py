@@ -2,8 +2,8 @@
 
 ``WeightedRandomSampler`` calls ``torch.multinomial`` over all N weights (refused above 2**24 categories),
 builds a Python list of the whole plan before the first index comes out, has no distributed form, and under
-``StatefulDataLoader`` resumes to a different stream unless given a generator. ``WeightedSampler`` draws the plan
-in chunks (:func:`torch_pretrain_update.weighted_plans.weighted_draw_chunk`), each a pure function of
+``StatefulDataLoader`` resumes to a different stream unless given a generator. ``WeightedSampler`` draws the
+plan in chunks (:func:`torch_pretrain_update.weighted_plans.weighted_draw_chunk`), each a pure function of
 ``(weights, seed, epoch, chunk)``, so the first index is out after one chunk, any N works, ranks split one
 global plan, and a resume jumps straight to its chunk.
 """
@@ -51,9 +51,9 @@ class WeightedSampler(PlanSampler):
     replacement, seed, epoch, shuffle)``: not on the number of ranks or DataLoader workers.
 
     Args:
-        weights: 1-D non-negative finite weights (tensor, ndarray or sequence), not all zero. Need not sum to 1.
-            A float32/float64 CPU tensor is used without a copy: do not modify it while the sampler is in use.
-        num_samples: plan length per epoch (all ranks together).
+        weights: 1-D non-negative finite weights (tensor, ndarray or sequence), not all zero; need not sum
+            to 1. A float32/float64 CPU tensor is used without a copy: do not modify it while the sampler is
+        in use. num_samples: plan length per epoch (all ranks together).
         replacement: draw with replacement (the default, as ``WeightedRandomSampler``).
         seed: base seed; epoch ``e`` uses generators seeded by ``(seed, e, ...)``. Same on every rank.
         shuffle: random order. With ``replacement=False`` and ``shuffle=False`` the selection comes in
@@ -86,7 +86,9 @@ class WeightedSampler(PlanSampler):
         rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
-        super().__init__(seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
+        super().__init__(
+            seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last
+        )
         self.replacement = check_bool(replacement, "replacement")
         self.num_samples = check_int(num_samples, "num_samples", min_value=1)
         self.weights = check_weights(weights, "weights")
@@ -119,7 +121,9 @@ class WeightedSampler(PlanSampler):
 
     def _plan_chunks(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         if self.replacement:
-            yield from _iter_draws(self._cumulative(), self.num_samples, self.seed, epoch, start, self.shuffle, ())
+            yield from _iter_draws(
+                self._cumulative(), self.num_samples, self.seed, epoch, start, self.shuffle, ()
+            )
             return
         plan = self._cached_plan(epoch)
         for s in range(start, plan.numel(), _SLICE):
@@ -128,5 +132,6 @@ class WeightedSampler(PlanSampler):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(N={self.weights.numel()}, num_samples={self.num_samples}, "
-            f"replacement={self.replacement}, seed={self.seed}, num_replicas={self.num_replicas}, rank={self.rank})"
+            f"replacement={self.replacement}, seed={self.seed}, num_replicas={self.num_replicas}, "
+            f"rank={self.rank})"
         )
