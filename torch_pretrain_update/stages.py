@@ -100,6 +100,11 @@ def _get(sample: Any, field: str) -> Any:
 
 def _label(sample: Any, field: str, num_classes: int) -> int:
     """An int class label from an int, numpy/0-d tensor integer, or undecoded ``.cls`` bytes/str."""
+    if type(sample) is dict and type(sample.get(field)) is int:  # fast path: a decoded .cls
+        value = sample[field]
+        if 0 <= value < num_classes:
+            return value
+        raise _bad(sample, field, f"label {value} out of range [0, num_classes={num_classes})")
     value = _get(sample, field)
     if isinstance(value, (bytes, bytearray, str)):
         try:
@@ -259,22 +264,28 @@ class _RunningCounts:
 
 
 def _weight_of(counts: np.ndarray, y: int, scheme: str, beta: float, alpha: float) -> float:
-    """``class_weights_from_counts(counts, scheme=...)[y]`` in float64 numpy (a per-sample hot path: the
-    torch version costs ~60 us per call with its checks; this one ~5 us). Same formulas, tested equal."""
+    """``class_weights_from_counts(counts, scheme=...)[y]`` (float32-rounded) in float64 numpy.
+
+    A per-sample hot path: the torch version costs ~60 us per call with its checks, this one a few us. Same
+    formulas (``w_y = raw_y * sum(c) / sum_c c * raw_c`` over present classes), with the normaliser in closed
+    form where there is one; tested equal to ``class_weights_from_counts``.
+    """
+    c_y = counts[y]
+    total = counts.sum()
+    if scheme == "uniform":
+        return 1.0
+    if scheme == "inverse":  # sum_c c * (1 / c) = number of present classes
+        return float(np.float32(total / (c_y * np.count_nonzero(counts))))
+    if scheme == "sqrt_inverse":  # sum_c c / sqrt(c) = sum_c sqrt(c)
+        return float(np.float32(total / (math.sqrt(c_y) * np.sqrt(counts).sum())))
     present = counts > 0
     n = np.where(present, counts, 1.0)
-    if scheme == "inverse":
-        raw = 1.0 / n
-    elif scheme == "sqrt_inverse":
-        raw = 1.0 / np.sqrt(n)
-    elif scheme == "effective_number":
+    if scheme == "effective_number":
         raw = np.ones_like(n) if beta == 0.0 else (1.0 - beta) / -np.expm1(n * math.log(beta))
-    elif scheme == "power":
+    else:  # power
         raw = n ** (alpha - 1.0)
-    else:
-        raw = np.ones_like(n)
     raw = np.where(present, raw, 0.0)
-    return float(np.float32(raw[y] * (counts.sum() / (counts * raw).sum())))
+    return float(np.float32(raw[y] * (total / (counts * raw).sum())))
 
 
 class ClassWeightStage(_Stage):
@@ -369,7 +380,9 @@ def _attach(sample: dict, key: str, w: float, combine: str) -> None:
     if combine == "multiply" and key in sample:
         old = sample[key]
         w = float(old) * w
-    sample[key] = torch.tensor(w, dtype=torch.float32)
+    # scalar_tensor: a 0-d float32 tensor (batched to shape (B,) by default_collate and wds.batched), ~3x
+    # cheaper than torch.tensor(w)
+    sample[key] = torch.scalar_tensor(w, dtype=torch.float32)
 
 
 def with_class_weights(
