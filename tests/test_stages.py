@@ -605,3 +605,21 @@ def test_select_arguments_are_checked():
         select_by_entropy(3, score_key="s", mode="top")
     with pytest.raises(BadSampleError, match=r"a score must be a scalar; got shape \(2,\)"):
         list(select_by_entropy(1, score_key="s")([{"s": np.ones(2)}]))
+
+
+def test_stages_pickle_with_their_state():
+    """DataLoader workers (spawn) receive stages by pickling: the running state must travel with them."""
+    import pickle
+
+    samples = [{"__key__": str(i), "cls": i % 3, "p": np.array([0.2, 0.8])} for i in range(30)]
+    for stage in [
+        with_class_weights(num_classes=3, momentum=0.1),
+        with_entropy_weights("p", window=4),
+        balance_classes(num_classes=3, seed=1, prior_counts=[1, 2, 3]),
+    ]:
+        list(stage([dict(s) for s in samples[:20]]))
+        clone = pickle.loads(pickle.dumps(stage))
+        assert clone.state_dict() == stage.state_dict()
+        a = _keys_weights(stage([dict(s) for s in samples[20:]]))
+        b = _keys_weights(clone([dict(s) for s in samples[20:]]))
+        assert a == b
