@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from torch_pretrain_update.distributed import broadcast_seed, score_dataset, score_shares
+from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+from torch_pretrain_update.shards import write_shards
+from torch_pretrain_update.stream import WeightedWebDataset
+from torch_pretrain_update.weighted_sampler import WeightedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_DEADLINE_S = 150
@@ -39,16 +44,22 @@ def _free_port() -> int:
 def _rank_main(rank: int, world: int, port: int, out_dir: str, tasks: list[str]) -> None:
     """Entry point of a spawned rank: join the group, run each task, save ``{task: result or error}``."""
     torch.set_num_threads(1)
+    # A spawned process defaults to spawning its own children; torchrun's ranks (fresh interpreters) fork their
+    # DataLoader workers. Do the same: spawning workers would re-import everything (~10 s each on 2 cores).
+    mp.set_start_method("fork", force=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    t0 = time.perf_counter()
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"seconds": {"init": time.perf_counter() - t0}}
     try:
         for name in tasks:
+            t0 = time.perf_counter()
             try:
                 results[name] = TASKS[name](rank, world, Path(out_dir))
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
             dist.barrier()
+            results["seconds"][name] = time.perf_counter() - t0
     finally:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
@@ -107,7 +118,80 @@ def _score_model(d: int = 12, c: int = 5) -> nn.Module:
     return model
 
 
+# ----- sampler configurations: built with num_replicas/rank left None inside the ranks ------------------------
+N_ITEMS = 103  # not a multiple of 2 or 3: the rank split pads (or truncates)
+
+
+def _labels() -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    return torch.multinomial(torch.tensor([0.6, 0.25, 0.1, 0.05]), N_ITEMS, replacement=True, generator=g)
+
+
+def _weights() -> torch.Tensor:
+    g = torch.Generator().manual_seed(12)
+    w = torch.rand(N_ITEMS, generator=g, dtype=torch.float64)
+    w[::7] = 0.0  # never drawn
+    return w
+
+
+SAMPLERS: dict[str, Callable[..., Any]] = {
+    "random_subset": lambda **kw: RandomSubsetSampler(N_ITEMS, 61, seed=5, **kw),
+    "random_subset_replacement_drop_last": lambda **kw: RandomSubsetSampler(
+        N_ITEMS, 150, replacement=True, seed=5, drop_last=True, **kw
+    ),
+    "stratified": lambda **kw: StratifiedSampler(_labels(), 50, min_per_class=2, seed=5, **kw),
+    "class_balanced": lambda **kw: ClassBalancedSampler(_labels(), samples_per_class="max", seed=5, **kw),
+    "class_balanced_unshuffled": lambda **kw: ClassBalancedSampler(
+        _labels(), samples_per_class=20, shuffle=False, seed=5, **kw
+    ),
+    "weighted_replacement": lambda **kw: WeightedSampler(_weights(), 70, replacement=True, seed=5, **kw),
+    "weighted_no_replacement": lambda **kw: WeightedSampler(_weights(), 41, replacement=False, seed=5, **kw),
+}
+EPOCHS = (0, 3)
+
+
 # ----- tasks run inside the ranks ------------------------------------------------------------------------------
+def _task_samplers(rank: int, world: int, out: Path) -> dict:
+    res = {}
+    for name, make in SAMPLERS.items():
+        sampler = make()  # num_replicas and rank from the process group
+        streams = []
+        for epoch in EPOCHS:
+            sampler.set_epoch(epoch)
+            streams.append(list(sampler))
+        res[name] = {"world": sampler.num_replicas, "rank": sampler.rank, "len": len(sampler), "streams": streams}
+    return res
+
+
+def _keys(batch: list[dict]) -> list[str]:
+    return [s["__key__"] for s in batch]
+
+
+STREAM_BATCH = 4
+
+
+def _task_stream(rank: int, world: int, out: Path) -> dict:
+    from torch.utils.data import DataLoader
+
+    ds = WeightedWebDataset(None, manifest=out / "shards" / "train-manifest.json", num_classes=3, seed=13)
+    loader = DataLoader(ds, batch_size=STREAM_BATCH, num_workers=2, collate_fn=_keys)
+    epochs = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            # what DDP does every step: a collective over all ranks (would hang on unequal batch counts)
+            dist.all_reduce(torch.ones(1))
+        epochs.append(batches)
+    return {
+        "world": ds.world_size,
+        "rank": ds.rank,
+        "epochs": epochs,
+        "batches_per_rank": ds.batches_per_rank(STREAM_BATCH, num_workers=2),
+    }
+
+
 def _task_score(rank: int, world: int, out: Path) -> dict:
     model, ds = _score_model(), _score_data()
     res = {}
@@ -154,18 +238,39 @@ def _task_broadcast_seed(rank: int, world: int, out: Path) -> dict:
 
 
 TASKS: dict[str, Callable[[int, int, Path], Any]] = {
+    "samplers": _task_samplers,
+    "stream": _task_stream,
     "score": _task_score,
     "score_failure": _task_score_failure,
     "length_mismatch": _task_length_mismatch,
     "broadcast_seed": _task_broadcast_seed,
 }
 
-GROUP2_TASKS = ["score", "score_failure", "length_mismatch", "broadcast_seed"]
+GROUP2_TASKS = ["samplers", "stream", "score", "score_failure", "length_mismatch", "broadcast_seed"]
+GROUP3_TASKS = ["samplers"]
+STREAM_SAMPLES = 51  # 2 ranks: 26 each, one padding repeat; 8 shards of <= 7 for 2 ranks x 2 workers
+
+
+def _write_stream_shards(root: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    samples = [
+        {"__key__": f"s{i:04d}", "cls": int(i % 3), "npy": rng.standard_normal(4).astype(np.float32)}
+        for i in range(STREAM_SAMPLES)
+    ]
+    write_shards(samples, str(root / "shards" / "train-%06d.tar"), maxcount=7, mtime=0)
+    return [s["__key__"] for s in samples]
 
 
 @pytest.fixture(scope="module")
-def group2(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return launch(2, GROUP2_TASKS, tmp_path_factory.mktemp("group2"))
+def group2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("group2")
+    keys = _write_stream_shards(out)
+    return {"results": launch(2, GROUP2_TASKS, out), "keys": keys}
+
+
+@pytest.fixture(scope="module")
+def group3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return {"results": launch(3, GROUP3_TASKS, tmp_path_factory.mktemp("group3"))}
 
 
 # ----- score_dataset without a process group -------------------------------------------------------------------
@@ -230,8 +335,8 @@ def test_broadcast_seed_without_group() -> None:
 
 # ----- score_dataset and broadcast_seed on 2 ranks -------------------------------------------------------------
 @pytest.mark.timeout(240)
-def test_score_dataset_two_ranks_equals_single_process(group2: list[dict]) -> None:
-    per_rank = task_result(group2, "score")
+def test_score_dataset_two_ranks_equals_single_process(group2: dict[str, Any]) -> None:
+    per_rank = task_result(group2["results"], "score")
     torch.set_num_threads(1)  # the ranks ran with one thread: score the reference the same way
     try:
         model, ds = _score_model(), _score_data()
@@ -249,19 +354,78 @@ def test_score_dataset_two_ranks_equals_single_process(group2: list[dict]) -> No
 
 
 @pytest.mark.timeout(240)
-def test_score_dataset_failure_on_one_rank_raises_on_all(group2: list[dict]) -> None:
-    failure = task_result(group2, "score_failure")
+def test_score_dataset_failure_on_one_rank_raises_on_all(group2: dict[str, Any]) -> None:
+    failure = task_result(group2["results"], "score_failure")
     assert failure[1]["raised"] == "ValueError" and "finite logits" in failure[1]["message"]
     assert failure[0]["raised"] == "RuntimeError" and "rank(s) [1]" in failure[0]["message"]
-    mismatch = task_result(group2, "length_mismatch")
+    mismatch = task_result(group2["results"], "length_mismatch")
     for res in mismatch:
         assert res["raised"] == "ValueError"
         assert "len(dataset) [50, 51]" in res["message"]
 
 
 @pytest.mark.timeout(240)
-def test_broadcast_seed_two_ranks(group2: list[dict]) -> None:
-    seeds = task_result(group2, "broadcast_seed")
+def test_broadcast_seed_two_ranks(group2: dict[str, Any]) -> None:
+    seeds = task_result(group2["results"], "broadcast_seed")
     assert [s["given"] for s in seeds] == [1000, 1000]
     assert [s["from_last"] for s in seeds] == [2001, 2001]
     assert seeds[0]["random"] == seeds[1]["random"]
+
+
+# ----- samplers on 2 and 3 ranks ------------------------------------------------------------------------------
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_sampler_rank_streams_are_the_single_process_plan_split(
+    name: str, world: int, group2: dict[str, Any], group3: dict[str, Any]
+) -> None:
+    group = {2: group2, 3: group3}[world]
+    per_rank = [res[name] for res in task_result(group["results"], "samplers")]
+    assert [(r["world"], r["rank"]) for r in per_rank] == [(world, r) for r in range(world)]
+    single = SAMPLERS[name](num_replicas=1, rank=0)
+    for e, epoch in enumerate(EPOCHS):
+        single.set_epoch(epoch)
+        plan = list(single)  # the single-process plan, independent of the world size
+        assert len(plan) == len(single)
+        n = len(plan)
+        if single.drop_last:
+            per = n // world
+            padded = plan[: per * world]
+        else:
+            per = math.ceil(n / world)
+            padded = plan + plan[: per * world - n]  # DistributedSampler padding: repeat the plan's start
+        streams = [r["streams"][e] for r in per_rank]
+        for rank, stream in enumerate(streams):
+            assert per_rank[rank]["len"] == per == len(stream)
+            assert stream == padded[rank::world], (name, world, epoch, rank)
+        # gathered, the ranks hold exactly the padded plan: no index on two ranks beyond the padding
+        assert Counter(i for s in streams for i in s) == Counter(padded)
+        if len(set(plan)) == len(plan):  # a plan without repeats: ranks overlap only in the padded indices
+            for a in range(world):
+                for b in range(a + 1, world):
+                    assert set(streams[a]) & set(streams[b]) <= set(plan[: per * world - n])
+    first = [r["streams"][0] for r in per_rank]
+    second = [r["streams"][1] for r in per_rank]
+    if name != "class_balanced_unshuffled":
+        assert first != second  # set_epoch changes the plan (so the comparison above is not vacuous)
+
+
+# ----- WeightedWebDataset: 2 ranks x 2 DataLoader workers over real shards ------------------------------------
+@pytest.mark.timeout(240)
+def test_weighted_webdataset_two_ranks_two_workers(group2: dict[str, Any]) -> None:
+    per_rank = task_result(group2["results"], "stream")
+    keys = group2["keys"]
+    assert [(r["world"], r["rank"]) for r in per_rank] == [(2, 0), (2, 1)]
+    per = math.ceil(len(keys) / 2)
+    for e in range(2):
+        batches = [r["epochs"][e] for r in per_rank]
+        counts = [len(b) for b in batches]
+        assert counts[0] == counts[1] == per_rank[0]["batches_per_rank"]  # equal batch counts per rank
+        got = [[k for b in rb for k in b] for rb in batches]
+        assert [len(g) for g in got] == [per, per]
+        seen = Counter(got[0] + got[1])
+        assert set(seen) == set(keys)  # every sample in the epoch
+        assert sum(seen.values()) - len(keys) == 2 * per - len(keys) == 1  # the one documented padding repeat
+        assert len(set(got[0])) == per and len(set(got[1])) == per  # no sample twice on one rank
+    # epochs differ (the shuffle is seeded by epoch), so the checks above saw two different splits
+    assert per_rank[0]["epochs"][0] != per_rank[0]["epochs"][1]
