@@ -96,7 +96,9 @@ def _parse_budget(text: str) -> float | int:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a count (e.g. 1000) or a fraction (e.g. 0.1); got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be a count (e.g. 1000) or a fraction (e.g. 0.1); got {text!r}"
+            ) from None
         if not 0.0 < value < 1.0:
             raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1); got {text!r}") from None
         return value
@@ -206,18 +208,30 @@ SELECT_STRATEGIES = SCORE_STRATEGIES + ("random",) + LABEL_STRATEGIES
 
 
 def _scores_of(x: np.ndarray, args: argparse.Namespace) -> np.ndarray:
-    """A float32 score per row: the 1-D input itself, or the uncertainty score of each 2-D row (in chunks)."""
+    """A score per row, read or computed chunk by chunk: the 1-D input itself (copied out of the memory map,
+    checked finite), or the uncertainty score (float32) of each row of a 2-D input."""
     from torch_pretrain_update.scores import compute_scores
 
+    n = x.shape[0]
     if x.ndim == 1:
         if args.from_logits:
             raise CliError(f"--from-logits needs a 2-D (N, C) input; {args.input!r} is 1-D (scores)")
         if x.dtype.kind != "f":
             raise CliError(f"scores {args.input!r} must be floating point; got dtype {x.dtype}")
-        return x  # the memory map itself: read chunk by chunk below
-    n, c = x.shape
+        out = np.empty(n, dtype=np.float64 if x.dtype == np.float64 else np.float32)
+        rows = _chunk_rows(args, 1)
+        with _bar(n, "read scores", "row", args) as bar:
+            for start in range(0, n, rows):
+                part = out[start : start + rows]
+                part[...] = x[start : start + rows]
+                bad = ~np.isfinite(part)
+                if bad.any():
+                    i = start + int(np.flatnonzero(bad)[0])
+                    raise CliError(f"scores must be finite; {args.input!r} has {float(x[i])} at row {i}")
+                bar.update(len(part))
+        return out
     out = np.empty(n, dtype=np.float32)
-    rows = _chunk_rows(args, c)
+    rows = _chunk_rows(args, x.shape[1])
     with _bar(n, f"score ({args.strategy})", "row", args) as bar:
         for start in range(0, n, rows):
             part = x[start : start + rows]
@@ -243,47 +257,6 @@ def _check_input_matrix(x: np.ndarray, args: argparse.Namespace) -> None:
             raise CliError(f"{args.input!r} must have at least 2 columns (classes); got shape {x.shape}")
 
 
-def _topk_chunked(scores: np.ndarray, k: int, args: argparse.Namespace) -> np.ndarray:
-    """Indices of the ``k`` highest scores, ties broken towards the lower index, sorted ascending.
-
-    Why not one ``torch.topk`` over everything: on 1e8 rows it needs the whole score vector as a tensor plus
-    full-size temporaries, and its order among equal scores is unspecified. Here one pass keeps a running top-k
-    (``torch.topk`` per chunk, merged), which gives the k-th largest value ``t`` exactly; a second pass keeps
-    every index with a score above ``t`` and the lowest indices with a score equal to ``t``.
-    """
-    import torch
-
-    n = scores.shape[0]
-    rows = args.chunk_rows or (1 << 22)
-    best = torch.empty(0, dtype=torch.float32)
-    with _bar(n, "top-k (pass 1/2)", "row", args) as bar:
-        for start in range(0, n, rows):
-            part = torch.from_numpy(np.array(scores[start : start + rows], dtype=np.float32))
-            if not bool(torch.isfinite(part).all()):
-                i = start + int(torch.nonzero(~torch.isfinite(part))[0, 0])
-                raise CliError(f"scores must be finite; {args.input!r} has {float(scores[i])} at row {i}")
-            cand = torch.cat([best, torch.topk(part, min(k, len(part)), sorted=False).values])
-            best = torch.topk(cand, min(k, len(cand)), sorted=False).values
-            bar.update(len(part))
-    threshold = float(best.min())
-    above: list[np.ndarray] = []
-    equal: list[np.ndarray] = []
-    n_equal_needed = k - int((best > threshold).sum())
-    n_equal = 0
-    with _bar(n, "top-k (pass 2/2)", "row", args) as bar:
-        for start in range(0, n, rows):
-            part = np.asarray(scores[start : start + rows], dtype=np.float32)
-            above.append(start + np.flatnonzero(part > threshold))
-            if n_equal < n_equal_needed:
-                eq = start + np.flatnonzero(part == threshold)[: n_equal_needed - n_equal]
-                equal.append(eq)
-                n_equal += len(eq)
-            bar.update(len(part))
-    out = np.concatenate(above + equal).astype(np.int64)
-    out.sort()
-    return out
-
-
 def _budget_count(budget: float | int, n: int) -> int:
     if isinstance(budget, float):
         k = int(round(budget * n))
@@ -295,34 +268,81 @@ def _budget_count(budget: float | int, n: int) -> int:
     return budget
 
 
+def _read_exclude(path: str, n: int) -> np.ndarray:
+    arr = _load_npy(path, "--exclude")
+    if arr.ndim != 1 or arr.dtype.kind not in "iub":
+        raise CliError(f"--exclude {path!r} must be 1-D integer row indices (or a bool mask); "
+                       f"got shape {arr.shape}, dtype {arr.dtype}")
+    return np.array(arr, dtype=bool if arr.dtype.kind == "b" else np.int64)
+
+
+def _labels_array(labels: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """The labels as an in-memory int64 array (the plan functions need them whole), copied chunk by chunk."""
+    n = labels.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    rows = args.chunk_rows or (1 << 22)
+    with _bar(n, "read labels", "row", args) as bar:
+        for start in range(0, n, rows):
+            out[start : start + rows] = labels[start : start + rows]
+            bar.update(min(rows, n - start))
+    return out
+
+
 def cmd_select(args: argparse.Namespace) -> int:
+    import torch
+
+    from torch_pretrain_update.plans import class_balanced_plan, random_subset_plan, stratified_plan
+    from torch_pretrain_update.weighted_plans import entropy_plan
+
     x = _load_npy(args.input, "input")
     _check_output(args.output)
     _check_input_matrix(x, args)
     n = x.shape[0]
     k = _budget_count(args.budget, n)
+    score_based = args.strategy in SCORE_STRATEGIES
     if args.strategy in LABEL_STRATEGIES and args.labels is None:
         raise CliError(f"--strategy {args.strategy} needs --labels LABELS.npy")
+    if args.stratify and not (score_based and args.labels is not None):
+        raise CliError("--stratify needs a score strategy (entropy, margin, least_confidence) and --labels")
+    if args.labels is not None and score_based and not args.stratify:
+        raise CliError("--labels with a score strategy needs --stratify (class-balanced uncertainty)")
+    if not score_based and (args.mode != "topk" or args.random_fraction):
+        raise CliError(f"--mode and --random-fraction apply to the score strategies {SCORE_STRATEGIES}, "
+                       f"not to {args.strategy!r}")
+    if args.strategy == "balanced" and args.exclude is not None:
+        raise CliError("--exclude is not supported with --strategy balanced")
     labels = None
     if args.labels is not None:
-        labels = _read_labels(args.labels, args)
-        if labels.shape[0] != n:
-            raise CliError(f"--labels {args.labels!r} has {labels.shape[0]} rows but {args.input!r} has {n}")
-    if args.strategy not in SCORE_STRATEGIES and args.mode != "topk":
-        raise CliError(f"--mode applies to the score strategies {SCORE_STRATEGIES}, not to {args.strategy!r}")
+        raw = _read_labels(args.labels, args)
+        if raw.shape[0] != n:
+            raise CliError(f"--labels {args.labels!r} has {raw.shape[0]} rows but {args.input!r} has {n}")
+        labels = torch.from_numpy(_labels_array(raw, args))
+    exclude = None
+    if args.exclude is not None:
+        exclude = torch.from_numpy(_read_exclude(args.exclude, n))
     t0 = time.perf_counter()
-    if args.strategy in SCORE_STRATEGIES:
-        scores = _scores_of(x, args)
-        if args.mode == "topk":
-            idx = _topk_chunked(scores, k, args)
-        else:
-            raise CliError("--mode proportional is not available yet")
-    else:
-        raise CliError(f"--strategy {args.strategy} is not available yet")
-    _save_npy(args.output, idx)
+    detail = ""
+    if score_based:
+        scores = torch.from_numpy(_scores_of(x, args))
+        del x  # unmap the input: its pages no longer count towards this process's memory during the plan
+        idx = entropy_plan(scores, k, seed=args.seed, epoch=0, mode=args.mode, random_fraction=args.random_fraction,
+                           exclude=exclude, stratify=labels if args.stratify else None, shuffle=False)
+        detail = f", {args.mode}" + (f", random_fraction={args.random_fraction:g}" if args.random_fraction else "")
+    elif args.strategy == "random":
+        idx = random_subset_plan(n, k, args.seed, 0, exclude=exclude, shuffle=False)
+    elif args.strategy == "stratified":
+        idx = stratified_plan(labels, k, args.seed, 0, exclude=exclude, shuffle=False)
+    else:  # balanced: the same number from every class present, small classes repeated (ClassBalancedSampler)
+        present = int((torch.bincount(labels) > 0).sum())
+        per_class = k // present
+        if per_class < 1:
+            raise CliError(f"--budget {k} is smaller than the number of classes present ({present})")
+        idx = class_balanced_plan(labels, args.seed, 0, samples_per_class=per_class, shuffle=False)
+        detail = f", {per_class} per class x {present} classes"
+    out = np.sort(idx.numpy().astype(np.int64, copy=False))
+    _save_npy(args.output, out)
     took = time.perf_counter() - t0
-    print(f"selected {len(idx)} of {n} rows ({args.strategy}"
-          f"{', ' + args.mode if args.strategy in SCORE_STRATEGIES else ''}) in {took:.2f} s -> {args.output}")
+    print(f"selected {len(out)} of {n} rows ({args.strategy}{detail}) in {took:.2f} s -> {args.output}")
     return 0
 
 
@@ -408,15 +428,22 @@ _SELECT_HELP = f"""\
 Select rows of a large scored dataset offline. INPUT is a .npy file: 1-D scores (higher = pick first) or 2-D
 (N, C) probabilities (or logits with --from-logits), scored by --strategy. The input is memory-mapped and
 processed in chunks (N = 1e8 rows fit in a few GB). Writes the chosen row indices (int64, sorted, no
-duplicates) to -o.
+duplicates except that balanced repeats rows of classes smaller than K / classes) to -o.
 
-top-k picks the K highest scores (ties: lower row first).
+strategies (the library's plan functions, epoch 0 of the matching sampler):
+  entropy, margin, least_confidence   --mode topk: the K highest scores (ties: lower row first);
+                                      --mode proportional: a draw without replacement, P ~ score;
+                                      --random-fraction F: F*K of them uniform from the rest (EntropySampler)
+  random                              K rows uniformly without replacement (RandomSubsetSampler)
+  stratified                          per-class quotas proportional to the class sizes (StratifiedSampler)
+  balanced                            K // classes rows of every class (ClassBalancedSampler)
 
 examples:
   {PROG} select probs.npy --budget 100000 --strategy entropy -o keep.npy
   {PROG} select logits.npy --from-logits --budget 0.1 --strategy margin -o keep.npy
   {PROG} select scores.npy --budget 5000 --strategy entropy --mode proportional --seed 1 -o keep.npy
   {PROG} select probs.npy --budget 0.1 --strategy stratified --labels labels.npy -o keep.npy
+  {PROG} select probs.npy --budget 1000 --strategy entropy --random-fraction 0.5 --exclude done.npy -o keep.npy
 """
 
 _WEIGHTS_HELP = f"""\
@@ -480,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("topk", "proportional"), default="topk",
                    help="score strategies: the K highest (topk, default) or a draw with probability "
                         "proportional to the score")
+    p.add_argument("--random-fraction", type=_fraction, default=0.0, metavar="F",
+                   help="score strategies: this share of K drawn uniformly from the rows the scores did not "
+                        "pick (default 0)")
+    p.add_argument("--stratify", action="store_true",
+                   help="score strategies: per-class quotas from --labels, the top scores within each class")
+    p.add_argument("--exclude", metavar="ROWS.npy", help="row indices never to select (e.g. already labelled)")
     p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="seed of the random draws (default 0)")
     p.add_argument("-o", "--output", required=True, metavar="INDICES.npy")
     p.add_argument("--chunk-rows", type=_positive_int, metavar="N", help="rows per chunk (default: ~16 MB)")

@@ -103,6 +103,7 @@ class DemoConfig:
     max_shift: int = 1
     progress: Optional[bool] = None  # None: tqdm decides (on when stderr is a terminal)
     threads: int = 1
+    data_fraction: float = 1.0  # share of every class used at all (--quick: 0.5)
 
     def __post_init__(self) -> None:
         self.seeds = check_int(self.seeds, "seeds", min_value=1)
@@ -114,11 +115,15 @@ class DemoConfig:
         self.batch_size = check_int(self.batch_size, "batch_size", min_value=1)
         self.threads = check_int(self.threads, "threads", min_value=1)
         self.mix_fraction = check_float(self.mix_fraction, "mix_fraction", low=0.0, high=1.0)
+        self.data_fraction = check_float(self.data_fraction, "data_fraction", low=0.0, high=1.0,
+                                         low_inclusive=False)
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> DemoConfig:
-        """The reduced run used by the test suite: 2 seeds, few epochs, 2 rounds (every strategy still runs)."""
-        base: dict[str, Any] = dict(quick=True, seeds=2, rounds=2, pretrain_epochs=15, update_epochs=8)
+        """The reduced run used by the test suite: 2 seeds, half the data, few epochs, 2 rounds (every strategy
+        and update method still runs)."""
+        base: dict[str, Any] = dict(quick=True, seeds=2, rounds=2, pretrain_epochs=15, update_epochs=8,
+                                    data_fraction=0.5)
         base.update(overrides)
         return cls(**base)
 
@@ -280,12 +285,12 @@ class Split:
         return {k: int(len(getattr(self, k))) for k in ("old_train", "old_test", "pool", "new_test")}
 
 
-def make_split(y: np.ndarray, num_classes: int, seed: int) -> Split:
+def make_split(y: np.ndarray, num_classes: int, seed: int, fraction: float = 1.0) -> Split:
     """Disjoint old-train / old-test / new-pool / new-test parts; half the classes rare in the old data.
 
-    Per class ``c`` with ``n_c`` samples (shuffled with the seed): 17% new test; old test 14% (3% if rare);
-    old train 40% (4% if rare); the rest is the new pool, so the rare classes dominate it. Every part gets at
-    least one sample of every class.
+    Per class ``c`` with ``n_c`` samples (shuffled with the seed; only the first ``fraction`` of them used):
+    17% new test; old test 14% (3% if rare); old train 40% (4% if rare); the rest is the new pool, so the rare
+    classes dominate it. Every part gets at least one sample of every class.
     """
     rng = np.random.default_rng(mix_seed(seed, 1))
     present = np.unique(y)
@@ -293,6 +298,7 @@ def make_split(y: np.ndarray, num_classes: int, seed: int) -> Split:
     parts: dict[str, list[np.ndarray]] = {"old_train": [], "old_test": [], "pool": [], "new_test": []}
     for c in present:
         idx = rng.permutation(np.flatnonzero(y == c))
+        idx = idx[: max(1, int(round(fraction * len(idx))))]
         n = len(idx)
         if n < 8:
             raise ValueError(f"data: class {int(c)} has {n} samples; the demo needs at least 8 per class")
@@ -454,7 +460,7 @@ class Scenario:
 
 
 def build_scenario(arrays: Arrays, seed: int, cfg: DemoConfig) -> Scenario:
-    split = make_split(arrays.y, arrays.num_classes, seed)
+    split = make_split(arrays.y, arrays.num_classes, seed, cfg.data_fraction)
     x, y = arrays.x, arrays.y
 
     def t(a: np.ndarray) -> torch.Tensor:
@@ -476,17 +482,40 @@ def budget_count(cfg: DemoConfig, pool_size: int) -> int:
     return max(1, int(round(cfg.budget * pool_size)))
 
 
-def pool_scores(model: nn.Module, x_pool: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of the model's predictions on the pool: higher = less sure."""
-    return entropy(predict_logits(model, x_pool), from_logits=True)
+def pool_logits(model: nn.Module, x_pool: torch.Tensor) -> torch.Tensor:
+    """The model's logits on the pool (the samplers score them: entropy, higher = less sure)."""
+    return predict_logits(model, x_pool)
 
 
 def select_one_shot(
-    strategy: str, scen: Scenario, scores: Optional[torch.Tensor], budget: int, seed: int, cfg: DemoConfig
+    strategy: str, scen: Scenario, logits: torch.Tensor, budget: int, seed: int, cfg: DemoConfig
 ) -> torch.Tensor:
-    """The pool indices a one-shot strategy gives the update (repeats possible only for class-balanced):
-    epoch 0 of the library sampler, as a training loop would draw it."""
-    raise NotImplementedError(strategy)
+    """The pool indices a one-shot strategy gives the update: epoch 0 of the library sampler, i.e. exactly what
+    a training loop would draw first. The update then trains on that fixed selection (a labelling budget);
+    only class-balanced resampling can repeat an index (a class with fewer samples than its share)."""
+    from torch_pretrain_update.entropy_sampler import EntropySampler
+    from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+
+    n = len(scen.y_pool)
+    sampler: Any
+    if strategy == "random":
+        sampler = RandomSubsetSampler(n, budget, seed=seed)
+    elif strategy == "stratified":
+        sampler = StratifiedSampler(scen.y_pool, budget, seed=seed)
+    elif strategy == "class_balanced":
+        present = int(torch.unique(scen.y_pool).numel())
+        sampler = ClassBalancedSampler(scen.y_pool, samples_per_class=max(1, budget // present), seed=seed)
+    elif strategy == "entropy_topk":
+        sampler = EntropySampler(logits, budget, from_logits=True, mode="topk", seed=seed)
+    elif strategy == "entropy_proportional":
+        sampler = EntropySampler(logits, budget, from_logits=True, mode="proportional", seed=seed)
+    elif strategy == "entropy_mix":
+        sampler = EntropySampler(logits, budget, from_logits=True, mode="topk", random_fraction=cfg.mix_fraction,
+                                 seed=seed)
+    else:
+        raise ValueError(f"strategy must be one of the one-shot strategies; got {strategy!r}")
+    sampler.set_epoch(0)
+    return torch.tensor(list(sampler), dtype=torch.int64)
 
 
 def select_rounds(
@@ -584,7 +613,7 @@ def _run_seed(arrays: Arrays, seed: int, cfg: DemoConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     with tqdm(total=1, desc=f"seed {seed}: score pool", unit="pass", disable=disable, leave=False) as bar:
-        scores = pool_scores(old, scen.x_pool)
+        logits = pool_logits(old, scen.x_pool)
         bar.update(1)
     score_s = time.perf_counter() - t0
 
@@ -609,7 +638,7 @@ def _run_seed(arrays: Arrays, seed: int, cfg: DemoConfig) -> dict[str, Any]:
     try:
         for strategy in one_shot:
             t = time.perf_counter()
-            chosen = select_one_shot(strategy, scen, scores, budget, seed, cfg)
+            chosen = select_one_shot(strategy, scen, logits, budget, seed, cfg)
             select_s = time.perf_counter() - t + (score_s if strategy.startswith("entropy") else 0.0)
             for method, _ in UPDATES:
                 bar.set_postfix_str(f"{strategy} / {method}")
