@@ -31,12 +31,12 @@ __all__ = [
 
 def _check_counts(class_counts: Any, name: str) -> torch.Tensor:
     t = as_tensor(class_counts, name)
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{name} must have an integer dtype; got {_short(t)}")
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must have an integer dtype; got {_short(t)}")
     t = t.detach().to(device="cpu", dtype=torch.int64)
     neg = t < 0
     if bool(neg.any()):
@@ -161,6 +161,16 @@ def _randperm(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=generator, dtype=dtype).long()
 
 
+def _repeat(values: torch.Tensor, repeats: torch.Tensor) -> torch.Tensor:
+    """``torch.repeat_interleave(values, repeats)`` through ``cumsum``: on torch 2.13 CPU ``repeat_interleave``
+    enters a parallel region even for a handful of elements and takes ~25 ms per call when the cores are
+    busy (measured), which dominated small plans."""
+    total = int(repeats.sum())
+    marks = torch.zeros(total + 1, dtype=torch.int64)
+    marks.index_add_(0, torch.cumsum(repeats, 0)[:-1], torch.ones(repeats.numel() - 1, dtype=torch.int64))
+    return values[torch.cumsum(marks[:total], 0)]
+
+
 def _check_exclude(exclude: Any, num_items: int) -> torch.Tensor | None:
     """``exclude`` (indices, or a bool mask of length ``num_items``) -> the sorted pool of allowed indices."""
     if exclude is None:
@@ -168,6 +178,8 @@ def _check_exclude(exclude: Any, num_items: int) -> torch.Tensor | None:
     t = as_tensor(exclude, "exclude")
     if t.ndim != 1:
         raise ValueError(f"exclude must be 1-D (indices or a bool mask); got shape {tuple(t.shape)}")
+    if t.numel() == 0 and t.dtype != torch.bool:  # an empty list excludes nothing (as_tensor makes it float)
+        return None
     if t.dtype == torch.bool:
         if t.numel() != num_items:
             raise ValueError(
@@ -178,13 +190,12 @@ def _check_exclude(exclude: Any, num_items: int) -> torch.Tensor | None:
         if t.is_floating_point() or t.is_complex():
             raise TypeError(f"exclude must hold integer indices or be a bool mask; got {_short(t)}")
         t = t.detach().to(device="cpu", dtype=torch.int64)
+        bad = (t < 0) | (t >= num_items)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"exclude must hold indices in [0, {num_items}); got {int(t[i])} at position {i}")
         mask = torch.zeros(num_items, dtype=torch.bool)
-        if t.numel():
-            bad = (t < 0) | (t >= num_items)
-            if bool(bad.any()):
-                i = int(torch.nonzero(bad)[0, 0])
-                raise ValueError(f"exclude must hold indices in [0, {num_items}); got {int(t[i])} at position {i}")
-            mask[t] = True
+        mask[t] = True
     pool = torch.nonzero(~mask).flatten()
     if pool.numel() == 0:
         raise ValueError(f"exclude removes all {num_items} samples: nothing is left to select from")
@@ -214,6 +225,16 @@ def _num_items(data_source: Any) -> int:
     raise TypeError(f"data_source must be a sized dataset or an int; got {type(data_source).__name__}")
 
 
+def _stable_argsort_small(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Stable argsort of non-negative integer keys below ``num_keys``.
+
+    numpy's stable sort is a single-threaded radix sort on <= 16-bit keys: ~5x faster than ``torch.sort`` at
+    N = 1e7, and free of torch's parallel-region overhead on small inputs when the cores are busy.
+    """
+    dtype = np.uint8 if num_keys <= 2**8 else np.uint16 if num_keys <= 2**16 else np.int64
+    return torch.from_numpy(np.argsort(keys.numpy().astype(dtype, copy=False), kind="stable"))
+
+
 class ClassGroups:
     """Sample indices grouped by class: ``order[starts[c] : starts[c] + counts[c]]`` are class ``c``'s samples
     in ascending index order. Built once per label tensor (and pool), reused by every epoch's plan.
@@ -228,9 +249,7 @@ class ClassGroups:
         sub = labels if pool is None else labels[pool]
         self.num_classes = num_classes
         self.counts = torch.bincount(sub, minlength=num_classes)
-        # numpy's stable argsort is a radix sort on <= 16-bit keys: ~5x faster than torch.sort at N = 1e7.
-        dtype = np.uint8 if num_classes <= 2**8 else np.uint16 if num_classes <= 2**16 else np.int64
-        order = torch.from_numpy(np.argsort(sub.numpy().astype(dtype, copy=False), kind="stable"))
+        order = _stable_argsort_small(sub, num_classes)
         self.order = order if pool is None else pool[order]
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         self._counts = self.counts.tolist()
@@ -414,17 +433,20 @@ class _ClassStream:
     Without replacement the stream is made of *passes*: pass ``t`` is a fresh uniform permutation of the
     class's ``n`` samples, and the stream is passes ``0, 1, ...`` cut at ``m``. So each sample appears
     ``floor(m/n)`` or ``ceil(m/n)`` times and the remainder is a uniform draw without replacement (the first
-    ``m mod n`` of the last pass). Passes are generated in groups of ``max(1, CHUNK // n)`` from one
-    generator per group, so any position is reached without generating the passes before it.
+    ``m mod n`` of the last pass). Passes are generated in groups of ``max(1, min(CHUNK // n, ceil(m / n)))``
+    from one generator per group, so any position is reached without generating the passes before it.
 
-    With replacement the stream is i.i.d. uniform draws from the class, in blocks of ``CHUNK`` positions.
+    With replacement the stream is i.i.d. uniform draws from the class, in blocks of ``min(CHUNK, m)``
+    positions, one generator per block.
     """
 
     def __init__(self, members: torch.Tensor, c: int, m: int, replacement: bool, seed: int, epoch: int) -> None:
         self.members = members
         self.n = members.numel()
         self.c, self.m, self.replacement, self.seed, self.epoch = c, m, replacement, seed, epoch
-        self.per_group = max(1, CHUNK // self.n)
+        # passes per generator call: enough for a chunk, but never more than the stream needs
+        self.per_group = max(1, min(CHUNK // self.n, -(-m // self.n)))
+        self.block = min(CHUNK, m)  # i.i.d. draws per generator call (with replacement)
         self._cache: tuple[int, torch.Tensor] | None = None
 
     def _group(self, grp: int) -> torch.Tensor:
@@ -434,18 +456,18 @@ class _ClassStream:
         g = epoch_generator(self.seed, self.epoch, _S_PASS, self.c, grp)
         n = self.n
         if self.replacement:
-            flat = torch.randint(n, (CHUNK,), generator=g)
+            flat = torch.randint(n, (self.block,), generator=g)
         elif self.per_group <= 256:
             flat = torch.cat([_randperm(n, g) for _ in range(self.per_group)])
         else:  # many passes of a small class: sort random keys row-wise instead of a Python loop per pass
-            keys = torch.rand((self.per_group, n), generator=g, dtype=torch.float64)
-            flat = torch.argsort(keys, dim=1, stable=True).flatten()
+            keys = torch.rand((self.per_group, n), generator=g, dtype=torch.float64).numpy()
+            flat = torch.from_numpy(np.argsort(keys, axis=1, kind="stable").reshape(-1))
         self._cache = (grp, flat)
         return flat
 
     def slice(self, a: int, b: int) -> torch.Tensor:
         """``sigma_c[a:b]`` as sample indices."""
-        span = CHUNK if self.replacement else self.per_group * self.n
+        span = self.block if self.replacement else self.per_group * self.n
         parts = []
         while a < b:
             grp, off = divmod(a, span)
@@ -465,13 +487,13 @@ class _ClassStream:
                 extra = torch.zeros(self.n, dtype=torch.bool)
                 extra[torch.searchsorted(self.members, last)] = True
                 reps += extra
-            return torch.repeat_interleave(self.members, reps)
+            return _repeat(self.members, reps)
         local_counts = torch.zeros(self.n, dtype=torch.int64)
-        for a in range(0, self.m, CHUNK):
-            b = min(a + CHUNK, self.m)
-            grp_draws = self._group(a // CHUNK)[: b - a]
+        for a in range(0, self.m, self.block):
+            b = min(a + self.block, self.m)
+            grp_draws = self._group(a // self.block)[: b - a]
             local_counts += torch.bincount(grp_draws, minlength=self.n)
-        return torch.repeat_interleave(self.members, local_counts)
+        return _repeat(self.members, local_counts)
 
 
 class _BalancedLayout:
@@ -481,10 +503,11 @@ class _BalancedLayout:
     and sort by key. The copies whose keys fall in the dyadic interval of a leaf (``2**depth`` leaves, about
     ``CHUNK`` copies each) form that leaf; how many copies of each class fall left/right of a split is
     ``Binomial(count, 1/2)``, drawn per tree node from its own generator (``torch.binomial``). Inside a leaf the
-    order is a uniform permutation (``torch.randperm``). So the class sequence is a uniformly random
-    arrangement of the multiset, any leaf is reached in ``O(depth)`` draws (resume without replay), and no
-    ``O(L)`` permutation is ever materialised. Leaf ``k`` holds, for each class, the next ``count`` entries of
-    that class's stream (:class:`_ClassStream`).
+    classes are arranged by a uniform permutation (``torch.randperm``). So the class sequence is a uniformly
+    random arrangement of the multiset, any leaf is reached in ``O(depth)`` draws (resume without replay), and
+    no ``O(L)`` permutation is ever materialised. Leaf ``k`` holds, for each class, the next ``count`` entries
+    of that class's stream (:class:`_ClassStream`), placed in stream order on that class's positions: the
+    copies of a class appear in the plan exactly in stream order.
 
     Hand-written because torch offers no lazily evaluated permutation: ``torch.randperm(L)`` costs ~2-3 s at
     ``L = 3e7`` on 2 cores and must be complete before the first index.
@@ -544,10 +567,16 @@ def _class_balanced_chunks(
         for s, cnt, off in zip(streams, counts.tolist(), before.tolist()):
             if cnt:
                 parts.append(s.slice(off, off + cnt))
-        content = torch.cat(parts)  # class-major inside the leaf
-        order = _randperm(content.numel(), epoch_generator(seed, epoch, _S_LEAF, leaf))
-        yield content[order][pos - leaf_start :]
-        pos = leaf_start + content.numel()
+        content = torch.cat(parts)  # class-major inside the leaf, each class's slice in stream order
+        size = content.numel()
+        # Uniform arrangement of the leaf's classes; a class's copies then fill its positions in stream order,
+        # so the passes stay in sequence across the whole plan.
+        classes = _repeat(torch.arange(len(streams)), counts)
+        classes = classes[_randperm(size, epoch_generator(seed, epoch, _S_LEAF, leaf))]
+        out = torch.empty_like(content)
+        out[_stable_argsort_small(classes, len(streams))] = content
+        yield out[pos - leaf_start :]
+        pos = leaf_start + size
 
 
 def class_balanced_plan(
