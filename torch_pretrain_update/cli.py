@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -237,8 +238,10 @@ def _scores_of(x: np.ndarray, args: argparse.Namespace) -> np.ndarray:
             part = x[start : start + rows]
             try:
                 s = compute_scores(part, args.strategy, from_logits=args.from_logits, name="input")
-            except ValueError as exc:  # a bad row: name it by its row in the file, not in the chunk
-                raise CliError(f"{args.input!r} (rows {start}..{start + len(part) - 1}): {exc}") from exc
+            except ValueError as exc:
+                # the library names the bad row within the chunk it was given: shift it to the row in the file
+                msg = re.sub(r"\brow (\d+)", lambda m, at=start: f"row {at + int(m.group(1))}", str(exc))
+                raise CliError(f"{args.input!r}: {msg}") from exc
             out[start : start + len(part)] = s.numpy()
             bar.update(len(part))
     return out
