@@ -24,7 +24,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from torch_pretrain_update.distill import KDLoss
 from torch_pretrain_update.distributed import broadcast_seed, score_dataset, score_shares
+from torch_pretrain_update.entropy_sampler import EntropySampler
+from torch_pretrain_update.partial import FrozenCheck, partial_optimizer
 from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 from torch_pretrain_update.shards import write_shards
 from torch_pretrain_update.stream import WeightedWebDataset
@@ -134,6 +137,11 @@ def _weights() -> torch.Tensor:
     return w
 
 
+def _probs() -> torch.Tensor:
+    g = torch.Generator().manual_seed(13)
+    return torch.softmax(3 * torch.randn(N_ITEMS, 4, generator=g), dim=1)
+
+
 SAMPLERS: dict[str, Callable[..., Any]] = {
     "random_subset": lambda **kw: RandomSubsetSampler(N_ITEMS, 61, seed=5, **kw),
     "random_subset_replacement_drop_last": lambda **kw: RandomSubsetSampler(
@@ -146,6 +154,13 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     ),
     "weighted_replacement": lambda **kw: WeightedSampler(_weights(), 70, replacement=True, seed=5, **kw),
     "weighted_no_replacement": lambda **kw: WeightedSampler(_weights(), 41, replacement=False, seed=5, **kw),
+    "entropy_topk_random": lambda **kw: EntropySampler(_probs(), 40, random_fraction=0.3, seed=5, **kw),
+    "entropy_proportional_replacement": lambda **kw: EntropySampler.from_scores(
+        _weights(), 77, mode="proportional", replacement=True, seed=5, **kw
+    ),
+    "entropy_stratified_drop_last": lambda **kw: EntropySampler(
+        _probs(), 58, score="margin", stratify=_labels(), mode="proportional", seed=5, drop_last=True, **kw
+    ),
 }
 EPOCHS = (0, 3)
 
@@ -237,7 +252,77 @@ def _task_broadcast_seed(rank: int, world: int, out: Path) -> dict:
     }
 
 
+DDP_N, DDP_DIM, DDP_CLASSES = 96, 10, 4
+DDP_SELECT, DDP_BATCH, DDP_STEPS = 48, 8, 3  # 48 selected / 2 ranks / batches of 8 = 3 steps per rank
+
+
+def _ddp_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(DDP_N, DDP_DIM, generator=g)
+    y = torch.randint(0, DDP_CLASSES, (DDP_N,), generator=g)
+    return TensorDataset(x, y)
+
+
+def _ddp_models() -> tuple[nn.Module, nn.Module]:
+    """(teacher, pretrained student): the same weights on every process, as if loaded from a checkpoint."""
+    torch.manual_seed(22)
+    teacher = nn.Sequential(nn.Linear(DDP_DIM, 32), nn.ReLU(), nn.Linear(32, DDP_CLASSES)).eval()
+    student = nn.Sequential(
+        nn.Linear(DDP_DIM, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
+    with torch.no_grad():
+        student[1].running_mean.normal_()
+        student[1].running_var.uniform_(0.5, 2.0)
+    return teacher, student
+
+
+def _ddp_setup(student: nn.Module) -> Any:
+    """Freeze the backbone (Linear + BatchNorm), train the two top layers with momentum and weight decay."""
+    return partial_optimizer(
+        student, torch.optim.SGD, trainable=["3.*", "5.*"], lr=0.2, momentum=0.9, weight_decay=0.01
+    )
+
+
+def _ddp_step(model: nn.Module, teacher: nn.Module, kd: nn.Module, optimizer: Any, x: Any, y: Any) -> None:
+    with torch.no_grad():
+        t = teacher(x)
+    loss = kd(model(x), t, y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _task_ddp(rank: int, world: int, out: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+
+    teacher, student = _ddp_models()
+    ds = _ddp_data()
+    scores = score_dataset(student, ds, batch_size=32)  # student's uncertainty, gathered on every rank
+    sampler = EntropySampler.from_scores(scores, DDP_SELECT, random_fraction=0.25, seed=broadcast_seed(9))
+    optimizer = _ddp_setup(student)
+    frozen = FrozenCheck(student)
+    model = DistributedDataParallel(student)
+    kd = KDLoss(temperature=2.0, alpha=0.7)
+    model.train()
+    sampler.set_epoch(0)
+    seen = []
+    for x, y in DataLoader(ds, batch_size=DDP_BATCH, sampler=sampler):
+        seen.append(x)
+        _ddp_step(model, teacher, kd, optimizer, x, y)
+    indices = [ds.tensors[0].tolist().index(row) for b in seen for row in b.tolist()]
+    return {
+        "scores": scores,
+        "indices": indices,
+        "steps": len(seen),
+        "changed_frozen": frozen.changed(),
+        "frozen_names": frozen.names,
+        "state": {k: v.detach().clone() for k, v in student.state_dict().items()},
+    }
+
+
 TASKS: dict[str, Callable[[int, int, Path], Any]] = {
+    "ddp": _task_ddp,
     "samplers": _task_samplers,
     "stream": _task_stream,
     "score": _task_score,
@@ -246,7 +331,7 @@ TASKS: dict[str, Callable[[int, int, Path], Any]] = {
     "broadcast_seed": _task_broadcast_seed,
 }
 
-GROUP2_TASKS = ["samplers", "stream", "score", "score_failure", "length_mismatch", "broadcast_seed"]
+GROUP2_TASKS = ["samplers", "stream", "ddp", "score", "score_failure", "length_mismatch", "broadcast_seed"]
 GROUP3_TASKS = ["samplers"]
 STREAM_SAMPLES = 51  # 2 ranks: 26 each, one padding repeat; 8 shards of <= 7 for 2 ranks x 2 workers
 
@@ -429,3 +514,53 @@ def test_weighted_webdataset_two_ranks_two_workers(group2: dict[str, Any]) -> No
         assert len(set(got[0])) == per and len(set(got[1])) == per  # no sample twice on one rank
     # epochs differ (the shuffle is seeded by epoch), so the checks above saw two different splits
     assert per_rank[0]["epochs"][0] != per_rank[0]["epochs"][1]
+
+
+# ----- DDP: EntropySampler + partial_optimizer + KDLoss, 2 ranks, 3 steps --------------------------------------
+@pytest.mark.timeout(240)
+def test_ddp_update_two_ranks(group2: dict[str, Any]) -> None:
+    per_rank = task_result(group2["results"], "ddp")
+    teacher, student = _ddp_models()
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    ds = _ddp_data()
+    torch.set_num_threads(1)
+    try:
+        scores = score_dataset(student, ds, batch_size=32)
+    finally:
+        torch.set_num_threads(2)
+    # scoring: every rank holds the single-process scores; the sampler plan is split as documented
+    single = EntropySampler.from_scores(scores, DDP_SELECT, random_fraction=0.25, seed=9, num_replicas=1, rank=0)
+    plan = list(single)
+    for rank, res in enumerate(per_rank):
+        assert torch.equal(res["scores"], scores)
+        assert res["steps"] == DDP_STEPS
+        assert res["indices"] == plan[rank::2]
+    assert not set(per_rank[0]["indices"]) & set(per_rank[1]["indices"])  # ranks trained on different samples
+
+    # parameters (and buffers) identical across ranks afterwards
+    states = [res["state"] for res in per_rank]
+    assert states[0].keys() == states[1].keys() == initial.keys()
+    for key in initial:
+        assert torch.equal(states[0][key], states[1][key]), key
+    # frozen parameters and the frozen BatchNorm statistics unchanged (bit for bit), trainable ones moved
+    for res in per_rank:
+        assert res["changed_frozen"] == []
+        assert {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"} <= set(
+            res["frozen_names"]
+        )
+    for key in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
+        assert torch.equal(states[0][key], initial[key]), key
+    assert int(states[0]["1.num_batches_tracked"]) == int(initial["1.num_batches_tracked"])
+    for key in ("3.weight", "3.bias", "5.weight", "5.bias"):
+        assert not torch.equal(states[0][key], initial[key]), key
+
+    # DDP averaged the gradients: the same as one process stepping on both ranks' batches together
+    optimizer = _ddp_setup(student)
+    kd = KDLoss(temperature=2.0, alpha=0.7)
+    student.train()
+    for step in range(DDP_STEPS):
+        window = slice(step * DDP_BATCH, (step + 1) * DDP_BATCH)
+        idx = torch.tensor(plan[0::2][window] + plan[1::2][window])
+        _ddp_step(student, teacher, kd, optimizer, ds.tensors[0][idx], ds.tensors[1][idx])
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(states[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
