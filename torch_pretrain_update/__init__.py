@@ -5,6 +5,7 @@ updates and distillation losses. Every public name is re-exported here; each mod
 """
 
 from torch_pretrain_update import decode as _decode
+from torch_pretrain_update import distill as _distill
 from torch_pretrain_update import distributed as _distributed
 from torch_pretrain_update import entropy_sampler as _entropy_sampler
 from torch_pretrain_update import partial as _partial
@@ -15,6 +16,7 @@ from torch_pretrain_update import weighted_plans as _weighted_plans
 from torch_pretrain_update import weighted_sampler as _weighted_sampler
 from torch_pretrain_update import weights as _weights
 from torch_pretrain_update.decode import *  # noqa: F403
+from torch_pretrain_update.distill import *  # noqa: F403
 from torch_pretrain_update.distributed import *  # noqa: F403
 from torch_pretrain_update.entropy_sampler import *  # noqa: F403
 from torch_pretrain_update.partial import *  # noqa: F403
@@ -29,4 +31,4 @@ __version__ = "0.1.0"
 
 __all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__, *_weighted_plans.__all__,
            *_weighted_sampler.__all__, *_entropy_sampler.__all__, *_decode.__all__, *_stages.__all__,
-           *_weighted_dataset.__all__]
+           *_weighted_dataset.__all__, *_distill.__all__]
