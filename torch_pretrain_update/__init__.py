@@ -9,6 +9,8 @@ from torch_pretrain_update import distill as _distill
 from torch_pretrain_update import distributed as _distributed
 from torch_pretrain_update import entropy_sampler as _entropy_sampler
 from torch_pretrain_update import partial as _partial
+from torch_pretrain_update import plans as _plans
+from torch_pretrain_update import samplers as _samplers
 from torch_pretrain_update import scores as _scores
 from torch_pretrain_update import stages as _stages
 from torch_pretrain_update import weighted_dataset as _weighted_dataset
@@ -20,6 +22,8 @@ from torch_pretrain_update.distill import *  # noqa: F403
 from torch_pretrain_update.distributed import *  # noqa: F403
 from torch_pretrain_update.entropy_sampler import *  # noqa: F403
 from torch_pretrain_update.partial import *  # noqa: F403
+from torch_pretrain_update.plans import *  # noqa: F403
+from torch_pretrain_update.samplers import *  # noqa: F403
 from torch_pretrain_update.scores import *  # noqa: F403
 from torch_pretrain_update.stages import *  # noqa: F403
 from torch_pretrain_update.weighted_dataset import *  # noqa: F403
@@ -31,4 +35,4 @@ __version__ = "0.1.0"
 
 __all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__, *_weighted_plans.__all__,
            *_weighted_sampler.__all__, *_entropy_sampler.__all__, *_decode.__all__, *_stages.__all__,
-           *_weighted_dataset.__all__, *_distill.__all__]
+           *_weighted_dataset.__all__, *_distill.__all__, *_plans.__all__, *_samplers.__all__]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,6 @@ __all__ = [
     "stratified_plan",
     "class_balanced_plan",
     "resolve_samples_per_class",
-    "ClassGroups",
     "SAMPLES_PER_CLASS",
 ]
 
@@ -203,7 +203,8 @@ def _check_exclude(exclude: Any, num_items: int) -> torch.Tensor | None:
 
 
 def _check_num_samples(num_samples: Any, available: int, replacement: bool, what: str) -> int:
-    num_samples = check_int(num_samples, "num_samples", min_value=1)
+    # at most 2**63 - 1: plan positions are int64 and len(sampler) must fit in a Py_ssize_t
+    num_samples = check_int(num_samples, "num_samples", min_value=1, max_value=sys.maxsize)
     if not replacement and num_samples > available:
         raise ValueError(
             f"num_samples must be <= {what} ({available}) without replacement; got {num_samples}"
