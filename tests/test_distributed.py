@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections import Counter
@@ -564,3 +567,24 @@ def test_ddp_update_two_ranks(group2: dict[str, Any]) -> None:
         _ddp_step(student, teacher, kd, optimizer, ds.tensors[0][idx], ds.tensors[1][idx])
     for key, value in student.state_dict().items():
         torch.testing.assert_close(states[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ----- the torchrun example ------------------------------------------------------------------------------------
+@pytest.mark.timeout(240)
+def test_torchrun_example_exits_zero() -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    cmd.append(str(ROOT / "examples" / "ddp_torchrun.py"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the ranks it started (their own session)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun example did not finish in 180 s:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    assert "parameters identical on all ranks" in output
