@@ -527,9 +527,23 @@ def select_rounds(
     cfg: DemoConfig,
     fit: Callable[[torch.Tensor], nn.Module],
 ) -> tuple[torch.Tensor, nn.Module]:
-    """Multi-round selection: score the pool with the current model, pick this round's share, retrain the old
-    model on everything picked so far, repeat. Returns the final picks and the final model."""
-    raise NotImplementedError(strategy)
+    """Multi-round selection with :class:`~torch_pretrain_update.selection_rounds.SelectionRounds`: score the
+    pool with the current model (entropy), take this round's share (never an index picked before), update the
+    *old* model on everything picked so far with ``fit``, repeat. Returns the final picks and the final model,
+    which is therefore trained exactly like a one-shot strategy's model, on a selection of the same size."""
+    from torch_pretrain_update.selection_rounds import SelectionRounds
+
+    fraction = cfg.mix_fraction if strategy == "rounds_mix" else 0.0
+    if strategy not in ("rounds_topk", "rounds_mix"):
+        raise ValueError(f"strategy must be 'rounds_topk' or 'rounds_mix'; got {strategy!r}")
+    rounds = SelectionRounds(len(scen.y_pool), budget, cfg.rounds, strategy="topk", random_fraction=fraction,
+                             seed=seed)
+    model = old
+    for _ in range(cfg.rounds):
+        scores = entropy(pool_logits(model, scen.x_pool), from_logits=True)
+        rounds.next_round(scores)
+        model = fit(torch.as_tensor(rounds.chosen, dtype=torch.int64))
+    return torch.as_tensor(rounds.chosen, dtype=torch.int64), model
 
 
 # -------------------------------------------------------------------------------------------------- the run
