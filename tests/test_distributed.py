@@ -314,8 +314,11 @@ def _task_ddp(rank: int, world: int, out: Path) -> dict:
         seen.append(x)
         _ddp_step(model, teacher, kd, optimizer, x, y)
     indices = [ds.tensors[0].tolist().index(row) for b in seen for row in b.tolist()]
+    rescored = score_dataset(model, ds, batch_size=40)  # a DDP wrapper: unwrapped; shares of 1 and 2 batches
     return {
         "scores": scores,
+        "rescored": rescored,
+        "training_after": model.training,
         "indices": indices,
         "steps": len(seen),
         "changed_frozen": frozen.changed(),
@@ -335,7 +338,7 @@ TASKS: dict[str, Callable[[int, int, Path], Any]] = {
 }
 
 GROUP2_TASKS = ["samplers", "stream", "ddp", "score", "score_failure", "length_mismatch", "broadcast_seed"]
-GROUP3_TASKS = ["samplers"]
+GROUP3_TASKS = ["samplers", "score"]
 STREAM_SAMPLES = 51  # 2 ranks: 26 each, one padding repeat; 8 shards of <= 7 for 2 ranks x 2 workers
 
 
@@ -421,10 +424,14 @@ def test_broadcast_seed_without_group() -> None:
         broadcast_seed(1, src=1)
 
 
-# ----- score_dataset and broadcast_seed on 2 ranks -------------------------------------------------------------
+# ----- score_dataset and broadcast_seed on ranks ------------------------------------------------------------------
 @pytest.mark.timeout(240)
-def test_score_dataset_two_ranks_equals_single_process(group2: dict[str, Any]) -> None:
-    per_rank = task_result(group2["results"], "score")
+@pytest.mark.parametrize("world", [2, 3])
+def test_score_dataset_on_ranks_equals_single_process(
+    world: int, group2: dict[str, Any], group3: dict[str, Any]
+) -> None:
+    per_rank = task_result({2: group2, 3: group3}[world]["results"], "score")
+    assert len(per_rank) == world
     torch.set_num_threads(1)  # the ranks ran with one thread: score the reference the same way
     try:
         model, ds = _score_model(), _score_data()
@@ -556,6 +563,17 @@ def test_ddp_update_two_ranks(group2: dict[str, Any]) -> None:
     assert int(states[0]["1.num_batches_tracked"]) == int(initial["1.num_batches_tracked"])
     for key in ("3.weight", "3.bias", "5.weight", "5.bias"):
         assert not torch.equal(states[0][key], initial[key]), key
+    # score_dataset through the DDP wrapper after training = single-process scoring of the trained weights
+    trained = _ddp_models()[1]
+    trained.load_state_dict(states[0])
+    torch.set_num_threads(1)
+    try:
+        rescored = score_dataset(trained, ds, batch_size=40)
+    finally:
+        torch.set_num_threads(2)
+    for res in per_rank:
+        assert torch.equal(res["rescored"], rescored)
+        assert res["training_after"] is True
 
     # DDP averaged the gradients: the same as one process stepping on both ranks' batches together
     optimizer = _ddp_setup(student)
