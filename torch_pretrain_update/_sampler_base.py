@@ -148,6 +148,12 @@ class PlanSampler(Sampler[int]):
         for key in (self._STATE_EPOCH, self._STATE_POSITION):
             if key not in state:
                 raise ValueError(f"state is missing key {key!r}; got keys {sorted(state)}")
-        self.epoch = check_int(state[self._STATE_EPOCH], "state['epoch']", min_value=0)
-        self._pending_position = check_int(state[self._STATE_POSITION], "state['position']", min_value=0)
+        epoch = check_int(state[self._STATE_EPOCH], "state['epoch']", min_value=0)
+        # A position past this rank's length comes from a sampler built differently (other N, budget, ranks):
+        # resuming there would silently yield nothing.
+        position = check_int(
+            state[self._STATE_POSITION], "state['position']", min_value=0, max_value=self._rank_length()
+        )
+        self.epoch = epoch
+        self._pending_position = position
         self._position = self._pending_position
