@@ -265,6 +265,23 @@ def _chunks_of(plan: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
         yield plan[a : a + CHUNK]
 
 
+def _ramp(chunks: Iterator[torch.Tensor], first: int = 1024) -> Iterator[torch.Tensor]:
+    """The same indices, with the first ones re-cut into pieces of ``first, 2*first, ...`` up to ``CHUNK``.
+
+    A sampler turns each piece into Python ints (``tolist``) before yielding its first index; small first
+    pieces make the first index come sooner. The stream is unchanged.
+    """
+    size = first
+    for chunk in chunks:
+        a = 0
+        while size < CHUNK and a < chunk.numel():
+            yield chunk[a : a + size]
+            a += size
+            size *= 2
+        if a < chunk.numel():
+            yield chunk[a:]
+
+
 # ----- random subset ----------------------------------------------------------------------------------------
 
 def _iid_chunks(pool_size: int, num_samples: int, seed: int, epoch: int, start: int) -> Iterator[torch.Tensor]:
