@@ -222,7 +222,10 @@ class _Stage:
         self.epoch = check_int(state["epoch"], "state['epoch']", min_value=0)
         self.position = check_int(state["position"], "state['position']", min_value=0)
         self.partial = check_int(state["partial"], "state['partial']", min_value=0)
-        self.stats = {str(k): int(v) for k, v in state["stats"].items()}
+        stats = state["stats"]
+        if not isinstance(stats, dict):
+            raise TypeError(f"state['stats'] must be a dict of counts; got {stats!r}")
+        self.stats = {str(k): check_int(v, f"state['stats'][{k!r}]", min_value=0) for k, v in stats.items()}
         self._load_extra_state(state)
         self._pending = True
 
@@ -444,7 +447,10 @@ def with_class_weights(
 def _score_of(sample: Any, field: str, score: str, from_logits: bool) -> float:
     value = _get(sample, field)
     if isinstance(value, (list, tuple)):
-        value = np.asarray(value, dtype=np.float64)
+        try:
+            value = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError) as exn:
+            raise _bad(sample, field, f"expected a vector of numbers; got {value[:8]!r} ({exn})") from None
     if not isinstance(value, (torch.Tensor, np.ndarray)):
         raise _bad(
             sample,
@@ -541,9 +547,11 @@ class EntropyWeightStage(_Stage):
             raise ValueError(
                 f"state['window_values'] must be <= {self.window} finite scores >= 0; got {values[:8]}..."
             )
+        window_sum = check_float(state["window_sum"], "state['window_sum']")
+        since_resum = check_int(state["since_resum"], "state['since_resum']", min_value=0, max_value=self.window)
         self._values = deque(values)
-        self._sum = float(state["window_sum"])
-        self._since_resum = int(state["since_resum"])
+        self._sum = window_sum
+        self._since_resum = since_resum
 
 
 def with_entropy_weights(
