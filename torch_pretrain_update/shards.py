@@ -61,7 +61,6 @@ __all__ = [
     "iter_shard_samples",
     "parse_label",
     "inspect_shards",
-    "UNSAFE_EXTENSIONS",
 ]
 
 MANIFEST_FORMAT = "torch-pretrain-update/shards"
@@ -69,7 +68,7 @@ MANIFEST_VERSION = 1
 
 #: Member extensions whose standard decoders execute code (pickle) or may do so (``.pth`` without
 #: ``weights_only``). Nothing in this module ever decodes them; :func:`inspect_shards` reports them.
-UNSAFE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth")
+_PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth")
 
 _META_RE = re.compile(r"__[^/]*__($|/)")
 
@@ -414,35 +413,22 @@ def write_shards(
 # strict reading
 
 
-class _LastRead:
-    """Proxy for the file object inside a ``tarfile.TarFile`` that remembers the bytes of the last ``read``.
+class _HeaderRecordingTarInfo(tarfile.TarInfo):
+    """``TarInfo`` that records on its ``TarFile`` the header error that ended the iteration.
 
     Why not a library function: ``tarfile`` converts an invalid, truncated or missing header after the start of
     an archive into "end of archive" and keeps no trace of which it was, and webdataset's
-    ``tar_file_iterator`` discards the ``TarFile``. The last read before the iteration stops is exactly the
-    header block that stopped it, so remembering it is enough to tell a proper end (a zero block) from damage.
+    ``tar_file_iterator`` discards the ``TarFile``. ``fromtarfile`` is where every header is parsed; the error
+    it raises last tells a proper end (``EOFHeaderError``: a zero block) from damage. One extra call per header.
     """
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.last: bytes | None = None
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.inner.read(size)
-        self.last = data
-        return data
-
-    def tell(self) -> int:
-        return self.inner.tell()
-
-    def seek(self, *args: int) -> int:
-        return self.inner.seek(*args)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as exc:
+            tf._tpu_header_error = exc  # type: ignore[attr-defined]
+            raise
 
 
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
@@ -468,13 +454,10 @@ def iter_shard_files(url: str, *, check_end: bool = True) -> Iterator[dict[str, 
         raise DamagedShardError(url, f"cannot be opened ({type(exc).__name__}: {exc})") from exc
     try:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|*")
+            tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_HeaderRecordingTarInfo)
         except _READ_ERRORS as exc:
             reason = "empty file" if "empty file" in str(exc) else f"not a readable tar archive ({exc})"
             raise DamagedShardError(url, reason) from exc
-        recorder = _LastRead(tf.fileobj)
-        tf.fileobj = recorder
-        had_member = tf.firstmember is not None
         fname = None
         try:
             for tarinfo in tf:
@@ -497,18 +480,17 @@ def iter_shard_files(url: str, *, check_end: bool = True) -> Iterator[dict[str, 
             if "unexpected end of data" in str(exc):
                 raise DamagedShardError(url, f"truncated inside member {fname!r} (unexpected end of data)") from exc
             raise DamagedShardError(url, f"unreadable {where}: {exc}") from exc
-        if check_end and had_member:
-            block = recorder.last
+        end = getattr(tf, "_tpu_header_error", None)
+        if check_end and not isinstance(end, tarfile.EOFHeaderError):
             offset = tf.offset
             after = f" after member {fname!r}" if fname else ""
-            if block is None or len(block) == 0:
+            if isinstance(end, tarfile.EmptyHeaderError):
                 raise DamagedShardError(url, f"ends without an end-of-archive block at byte {offset}{after} "
                                              "(truncated at a header boundary)")
-            if len(block) < tarfile.BLOCKSIZE:
+            if isinstance(end, tarfile.TruncatedHeaderError):
                 raise DamagedShardError(url, f"truncated inside a header at byte {offset}{after}")
-            if block.count(0) != tarfile.BLOCKSIZE:
-                raise DamagedShardError(url, f"invalid (corrupt) header at byte {offset}{after}; tarfile stops "
-                                             "reading there, so the rest of the shard is lost")
+            raise DamagedShardError(url, f"invalid (corrupt) header at byte {offset}{after} ({end}); tarfile "
+                                         "stops reading there, so the rest of the shard is lost")
     finally:
         stream.close()
 
@@ -690,7 +672,7 @@ def inspect_shards(
                 rep.count += 1
                 key = sample.get("__key__")
                 for k in sample:
-                    if k.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS:
+                    if k.rsplit(".", 1)[-1] in _PICKLE_EXTENSIONS:
                         rep.unsafe_members.append(f"{key}.{k}")
                 missing = [k for k in required if k not in sample]
                 if missing:

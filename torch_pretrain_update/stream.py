@@ -306,6 +306,7 @@ class WeightedWebDataset(IterableDataset):
         self.epoch = 0
         self.stats: dict[str, Any] = _fresh_stats()
         self._cursor: Optional[dict[str, Any]] = None
+        self._offset = 0
         self._pending: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -337,8 +338,19 @@ class WeightedWebDataset(IterableDataset):
             "epoch": self.epoch,
             "seed": self.seed,
             "num_shards": len(self.urls),
-            "cursor": None if self._cursor is None or self._cursor["epoch"] != self.epoch else _json_copy(self._cursor),
+            "cursor": self._cursor_state(),
         }
+
+    def _cursor_state(self) -> Optional[dict[str, Any]]:
+        cur = self._cursor
+        if cur is None or cur["epoch"] != self.epoch:
+            return None
+        out = {k: v for k, v in cur.items() if k not in ("seg_yielded", "seg_pass_outputs")}
+        k = self._offset
+        out.update(offset=k, yielded=cur["seg_yielded"] + k, pass_outputs=cur["seg_pass_outputs"] + k)
+        if not cur["done"]:
+            out["stats"] = _copy_stats(self.stats)  # live counts, for stream_stats() (a resume recounts them)
+        return _json_copy(out)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; the next ``iter()`` in the same epoch continues after the
@@ -512,18 +524,25 @@ class WeightedWebDataset(IterableDataset):
 
     def _checked(self, src: Iterator[dict], url: str, stats: dict[str, Any]) -> Iterator[dict]:
         """Required keys, decoding and label checks; bad samples -> handler."""
-        label_key, nc, decoder = self.label_key, self.num_classes, self.decoder
+        label_key, nc, decoder, required = self.label_key, self.num_classes, self.decoder, self.required_keys
         for raw in src:
             try:
-                missing = [k for k in self.required_keys if k not in raw]
-                if missing:
+                for k in required:
+                    if k not in raw:
+                        break
+                else:
+                    k = None
+                if k is not None:
+                    missing = [k for k in required if k not in raw]
                     present = sorted(k for k in raw if not k.startswith("__"))
                     raise BadSampleError(
                         f"shard {url!r}, sample __key__={raw.get('__key__')!r}: missing member(s) {missing} "
                         f"(has {present})", sample_key=raw.get("__key__"), url=url, field=missing[0])
                 sample = decoder(raw)
+                label = sample[label_key]
                 try:
-                    label = parse_label(sample[label_key])
+                    if type(label) is not int or label < 0:  # fast path: safe_decode gives ints
+                        label = parse_label(label)
                 except ValueError as exc:
                     raise BadSampleError(f"shard {url!r}, sample __key__={raw.get('__key__')!r}, member "
                                          f"{label_key!r}: {exc}", sample_key=raw.get("__key__"), url=url,
@@ -575,7 +594,9 @@ class WeightedWebDataset(IterableDataset):
             snap = cur["snapshot"]
             if cur.get("done"):
                 self.stats = _copy_stats(cur["stats"])
-                self._cursor = _json_copy(cur)
+                self._cursor = {k: v for k, v in cur.items() if k not in ("offset", "yielded", "pass_outputs")}
+                self._cursor.update(seg_yielded=yielded, seg_pass_outputs=pass_outputs)
+                self._offset = 0
                 return
         self.stats = stats
         base = {"epoch": epoch, "num_workers": nw, "worker_id": w, "world_size": self.world_size, "rank": self.rank}
@@ -595,19 +616,23 @@ class WeightedWebDataset(IterableDataset):
                 snap = {"stages": [s.state_dict() for s in stages], "stats": _copy_stats(stats),
                         "pass_outputs": seg_pass_outputs, "yielded": seg_yielded}
                 k = 0
+                limit = quota - seg_yielded if quota is not None else math.inf
+                padding = p > 0
                 # Damage met again while padding (pass > 0) was counted in pass 0: count it once.
-                seg_stats = stats if p == 0 else _fresh_stats()
+                seg_stats = _fresh_stats() if padding else stats
+                # The cursor of a sample = this segment's dict + its offset k (state_dict() combines them).
+                self._cursor = {**base, "pass": p, "segment": i, "seg_yielded": seg_yielded,
+                                "seg_pass_outputs": seg_pass_outputs, "done": False, "snapshot": snap}
                 for sample in self._segment_pipeline(seg, epoch, stages, seg_stats):
-                    if quota is not None and seg_yielded + k >= quota:
+                    if k >= limit:
                         break
                     k += 1
                     stats["samples"] += 1
-                    if p > 0:
+                    if padding:
                         stats["padded_samples"] += 1
                     if k <= skip:
                         continue
-                    self._cursor = {**base, "pass": p, "segment": i, "offset": k, "yielded": seg_yielded + k,
-                                    "pass_outputs": seg_pass_outputs + k, "done": False, "snapshot": snap}
+                    self._offset = k
                     yield sample
                 skip = 0
                 snap = None
@@ -626,8 +651,9 @@ class WeightedWebDataset(IterableDataset):
                 )
             else:
                 p, i, pass_outputs = p + 1, 0, 0
-        self._cursor = {**base, "pass": p, "segment": i, "offset": 0, "yielded": yielded,
-                        "pass_outputs": pass_outputs, "done": True, "snapshot": None, "stats": _copy_stats(stats)}
+        self._cursor = {**base, "pass": p, "segment": i, "seg_yielded": yielded, "seg_pass_outputs": pass_outputs,
+                        "done": True, "snapshot": None, "stats": _copy_stats(stats)}
+        self._offset = 0
         self._log_epoch_end(epoch, w, stats)
 
     def _log_epoch_end(self, epoch: int, w: int, stats: dict[str, Any]) -> None:
@@ -684,7 +710,7 @@ def stream_stats(state: dict[str, Any]) -> dict[str, Any]:
                 cur = node.get("cursor")
                 st = None
                 if isinstance(cur, dict):
-                    st = cur.get("stats") if cur.get("done") else _live_stats(cur)
+                    st = cur.get("stats")
                 if st is not None:
                     total["readers"] += 1
                     for k in _STAT_KEYS:
@@ -699,15 +725,3 @@ def stream_stats(state: dict[str, Any]) -> dict[str, Any]:
 
     visit(state)
     return total
-
-
-def _live_stats(cur: dict[str, Any]) -> Optional[dict[str, Any]]:
-    # Mid-segment the cursor stores the stats at the segment start; the samples delivered since are exact.
-    snap = cur.get("snapshot")
-    if not isinstance(snap, dict):
-        return None
-    st = dict(snap["stats"])
-    st["samples"] = int(st.get("samples", 0)) + int(cur.get("offset", 0))
-    if int(cur.get("pass", 0)) > 0:
-        st["padded_samples"] = int(st.get("padded_samples", 0)) + int(cur.get("offset", 0))
-    return st
