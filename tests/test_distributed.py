@@ -327,7 +327,19 @@ def _task_ddp(rank: int, world: int, out: Path) -> dict:
     }
 
 
+def _task_subgroup(rank: int, world: int, out: Path) -> dict:
+    """score_dataset and broadcast_seed on the subgroup {0, 2} of 3 ranks; rank 1 stays out."""
+    sub = dist.new_group([0, 2])  # every rank must create it
+    if rank == 1:
+        return {"skipped": True}
+    return {
+        "scores": score_dataset(_score_model(), _score_data(), batch_size=100, group=sub),
+        "seed": broadcast_seed(500 + rank, src=1, group=sub),  # group rank 1 = global rank 2
+    }
+
+
 TASKS: dict[str, Callable[[int, int, Path], Any]] = {
+    "subgroup": _task_subgroup,
     "ddp": _task_ddp,
     "samplers": _task_samplers,
     "stream": _task_stream,
@@ -338,7 +350,7 @@ TASKS: dict[str, Callable[[int, int, Path], Any]] = {
 }
 
 GROUP2_TASKS = ["samplers", "stream", "ddp", "score", "score_failure", "length_mismatch", "broadcast_seed"]
-GROUP3_TASKS = ["samplers", "score"]
+GROUP3_TASKS = ["samplers", "score", "subgroup"]
 STREAM_SAMPLES = 51  # 2 ranks: 26 each, one padding repeat; 8 shards of <= 7 for 2 ranks x 2 workers
 
 
@@ -414,6 +426,15 @@ def test_score_dataset_bad_input() -> None:
     assert not torch.is_inference_mode_enabled()
 
 
+def test_score_dataset_custom_forward_for_dict_samples() -> None:
+    model, base = _score_model(), _score_data(50)
+    dicts = [{"x": base[i][0], "y": base[i][1]} for i in range(len(base))]
+    got = score_dataset(model, dicts, batch_size=16, forward=lambda m, b: m(b["x"]), score="least_confidence")
+    assert torch.equal(got, score_dataset(model, base, batch_size=16, score="least_confidence"))
+    with pytest.raises(TypeError, match="Pass forward="):
+        score_dataset(model, dicts, batch_size=16)
+
+
 def test_broadcast_seed_without_group() -> None:
     assert broadcast_seed(5) == 5
     a, b = broadcast_seed(None), broadcast_seed(None)
@@ -446,6 +467,20 @@ def test_score_dataset_on_ranks_equals_single_process(
         assert torch.equal(res["margin"], ref_margin)
         assert res["training_after"] is True
         assert res["empty"].shape == (0,)
+
+
+@pytest.mark.timeout(240)
+def test_score_dataset_and_broadcast_seed_on_a_subgroup(group3: dict[str, Any]) -> None:
+    per_rank = task_result(group3["results"], "subgroup")
+    assert per_rank[1] == {"skipped": True}
+    torch.set_num_threads(1)
+    try:
+        ref = score_dataset(_score_model(), _score_data(), batch_size=100)
+    finally:
+        torch.set_num_threads(2)
+    for rank in (0, 2):
+        assert torch.equal(per_rank[rank]["scores"], ref)
+        assert per_rank[rank]["seed"] == 502
 
 
 @pytest.mark.timeout(240)
