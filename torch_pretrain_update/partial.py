@@ -265,8 +265,9 @@ def freeze(model: nn.Module, patterns: Optional[Patterns] = None, *, bn_stats: b
     """Freeze the parameters whose qualified names match ``patterns`` (all of them when ``None``).
 
     Sets ``requires_grad=False`` and drops ``.grad`` (``None``) on every selected parameter, so that even an
-    optimizer that still holds it skips it (every ``torch.optim`` optimizer skips parameters whose grad is
-    ``None``; a zero grad would still move them under momentum or decoupled weight decay).
+    optimizer that still holds it skips it (torch.optim's built-in optimizers skip parameters whose grad is
+    ``None``; a zero grad would still move them under momentum or decoupled weight decay). Frozen parameters
+    are best left out of optimizers altogether, as :func:`partial_optimizer` does.
 
     Args:
         model: the module.
