@@ -209,3 +209,19 @@ def test_bad_input(cls, args, kwargs, exc, words):
         cls(*args, **kwargs)
     for w in words:
         assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+def test_ramp_recuts_without_changing_the_stream():
+    chunks = [torch.arange(0, 5000), torch.arange(5000, 5003), torch.arange(5003, 200_000)]
+    pieces = list(plans._ramp(iter(chunks)))
+    assert torch.equal(torch.cat(pieces), torch.arange(200_000))
+    assert [p.numel() for p in pieces[:4]] == [1024, 2048, 1928, 3]  # 1024, 2048, rest of chunk 0, chunk 1
+    assert max(p.numel() for p in pieces) <= 200_000 - 5003
+
+
+def test_large_streams_through_the_ramp_equal_the_plans():
+    s = RandomSubsetSampler(200_000, 150_000, seed=2, num_replicas=3, rank=1)
+    plan = random_subset_plan(200_000, 150_000, 2, 0)
+    assert list(s) == plan[1::3].tolist()
+    b = ClassBalancedSampler(torch.arange(70_000) % 3, samples_per_class=50_000, seed=5)
+    assert list(b) == class_balanced_plan(torch.arange(70_000) % 3, 5, 0, samples_per_class=50_000).tolist()

@@ -28,6 +28,7 @@ from torch_pretrain_update.plans import (
     _class_balanced_chunks,
     _iid_chunks,
     _num_items,
+    _ramp,
     _random_subset,
     _stratified,
     resolve_samples_per_class,
@@ -41,7 +42,7 @@ class _MaterialisedPlan(PlanSampler):
     """A plan computed whole per epoch (cached by the base) and handed out in chunks of ``CHUNK``."""
 
     def _plan_chunks(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
-        return _chunks_of(self._cached_plan(epoch), start)
+        return _ramp(_chunks_of(self._cached_plan(epoch), start))
 
 
 class RandomSubsetSampler(_MaterialisedPlan):
@@ -107,7 +108,7 @@ class RandomSubsetSampler(_MaterialisedPlan):
         if not (self.replacement and self.shuffle):
             return super()._plan_chunks(epoch, start)
         chunks = _iid_chunks(self.pool_size, self.num_samples, self.seed, epoch, start)
-        return chunks if self._pool is None else (self._pool[c] for c in chunks)
+        return _ramp(chunks if self._pool is None else (self._pool[c] for c in chunks))
 
 
 class StratifiedSampler(_MaterialisedPlan):
@@ -235,5 +236,5 @@ class ClassBalancedSampler(PlanSampler):
 
     def _plan_chunks(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         if not self.shuffle:  # class-major order is built whole: keep it for the epoch
-            return _chunks_of(self._cached_plan(epoch), start)
-        return self._chunks(epoch, start)
+            return _ramp(_chunks_of(self._cached_plan(epoch), start))
+        return _ramp(self._chunks(epoch, start))
