@@ -96,8 +96,10 @@ def test_set_epoch_to_another_epoch_drops_a_pending_position():
     fresh = _Perm(10, seed=0)
     fresh.set_epoch(3)
     assert list(s) == list(fresh)
-    s.load_state_dict({"epoch": 2, "position": 99})  # past the end: nothing left this epoch
+    s.load_state_dict({"epoch": 2, "position": 10})  # at the end: nothing left this epoch
     assert list(s) == []
+    with pytest.raises(ValueError, match=r"state\['position'\] must be <= 10; got 99"):
+        s.load_state_dict({"epoch": 2, "position": 99})  # a state from a differently built sampler
 
 
 def test_bad_state_and_bad_arguments():
