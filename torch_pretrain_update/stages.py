@@ -692,8 +692,12 @@ class BalanceStage(_Stage):
         return n if self.max_repeats is None else min(n, self.max_repeats)
 
     def _run(self, src: Iterator[Sample]) -> Iterator[Sample]:
+        # Resuming mid-repeats (partial > 0): the input in progress was already counted in stats["seen"].
+        counted = self.partial > 0
         for sample in src:
-            self.stats["seen"] += 1
+            if not counted:
+                self.stats["seen"] += 1
+            counted = False
             try:
                 y = _label(sample, self.label_key, self.num_classes)
                 new = self._running.updated(y)
