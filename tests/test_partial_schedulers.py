@@ -139,6 +139,19 @@ def test_default_lr_is_first_groups_base_lr_and_fresh_state():
     assert len(opt.param_groups) == 2
 
 
+def test_unfreeze_into_an_optimizer_built_with_names():
+    model = two_layer()
+    freeze(model, "low.*")
+    try:
+        opt = torch.optim.SGD(model.top.named_parameters(prefix="top"), lr=B0)
+    except TypeError:  # torch < 2.6 takes no named parameters
+        pytest.skip("this torch's optimizers do not take named parameters")
+    assert opt.param_groups[0]["param_names"] == ["top.weight", "top.bias"]
+    unfreeze(model, "low.*", optimizer=opt)
+    assert opt.param_groups[1]["param_names"] == ["low.weight", "low.bias"]
+    assert opt.state_dict()["param_groups"][1]["param_names"] == ["low.weight", "low.bias"]
+
+
 def test_unfreeze_no_decay_split():
     model = nn.Sequential(OrderedDict(low=nn.Linear(2, 4), norm=nn.LayerNorm(4), top=nn.Linear(4, 2)))
     opt = partial_optimizer(model, torch.optim.AdamW, trainable="top.*", lr=0.01, weight_decay=0.2)

@@ -397,14 +397,16 @@ def unfreeze(
                 owners = _owner_modules(model)
                 flags = [_is_no_decay(e, nd, owners) for e in new]
                 parts = [
-                    ([e.param for e, f in zip(new, flags) if not f], {}),
-                    ([e.param for e, f in zip(new, flags) if f], {"weight_decay": 0.0}),
+                    ([e for e, f in zip(new, flags) if not f], {}),
+                    ([e for e, f in zip(new, flags) if f], {"weight_decay": 0.0}),
                 ]
             else:
-                parts = [([e.param for e in new], {})]
-            for params, extra in parts:
-                if params:
-                    _add_group(optimizer, params, extra, lr, scheds)
+                parts = [(new, {})]
+            for entries, extra in parts:
+                if entries:
+                    if "param_names" in optimizer.param_groups[0]:  # an optimizer built from named_parameters()
+                        extra = {**extra, "param_names": [e.name for e in entries]}
+                    _add_group(optimizer, [e.param for e in entries], extra, lr, scheds)
     return [e.name for e in chosen]
 
 
