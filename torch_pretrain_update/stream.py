@@ -17,8 +17,10 @@ and of its contents. Two split modes:
   wrapping around to the start of the epoch; ``drop_last=True``: ``floor(N / W)``, truncating), and the rank's
   range is cut into ``num_workers`` contiguous pieces of ``L // nw`` or ``L // nw + 1`` samples. Every sample is
   yielded exactly once per epoch except the ``W L - N`` (at most ``W - 1`` by default) padding repeats, and every
-  rank yields exactly ``L`` samples, so DDP never hangs at the end of an epoch. A shard cut between two readers is
-  opened by both; the second re-reads (without decoding) the first one's part to reach its start.
+  rank yields exactly ``L`` samples, so DDP never hangs at the end of an epoch. An explicit ``samples_per_rank``
+  larger than ``N / W`` wraps around more (more repeats); a smaller one leaves positions ``>= W L`` of the epoch
+  order out (truncation). A shard cut between two readers is opened by both; the second re-reads (without
+  decoding) the first one's part to reach its start.
 - ``split="shards"`` (the default without a manifest): rank ``r`` takes shards ``r, r + W, ...`` of the epoch
   order and worker ``w`` every ``nw``-th of those. The number of samples per rank is then whatever its shards
   hold, unless ``samples_per_rank`` fixes it (like webdataset's ``with_epoch``): a reader that runs out repeats
@@ -46,10 +48,18 @@ corrupt header (``shards.iter_shard_files`` checks the end-of-archive block, whi
 fewer or more samples than its manifest count; a sample missing a ``required_keys`` member or the label, a
 label that is not an integer in ``[0, num_classes)``, a member the decoder refuses (pickles) or cannot decode.
 With a skipping handler (webdataset's ``warn_and_continue``/``ignore_and_continue``, or any callable returning
-True), each is counted in :attr:`WeightedWebDataset.stats` and logged at the end of the reader's epoch; with
-``samples_per_rank`` set or ``split="samples"``, the missing samples are replaced by repeats so that every rank
-still yields the same number. Without a manifest, what cannot be detected: a shard that is a well-formed archive
-but has lost whole samples, a missing shard that is not among ``urls``, and (no SHA-256) changed contents.
+True), each is counted in :attr:`WeightedWebDataset.stats` and logged at the end of the reader's epoch (a handler
+returning False, like ``ignore_and_stop``, also skips the rest of the current shard range, counting every sample
+of it); with ``samples_per_rank`` set or ``split="samples"``, the missing samples are replaced by repeats of the
+reader's own stream so that every rank still yields the same number (``stats["padded_samples"]``). Damage met
+again while padding is not counted twice; a shard split between two readers that both meet its damage is counted
+in ``shard_errors`` by each, while ``missing_samples`` (positions of a reader's own ranges never read) adds up
+exactly over readers.
+
+Without a manifest, what cannot be detected: a shard that is a well-formed archive but has lost whole samples
+(rewritten short), a shard missing from ``urls``, and changed contents (the manifest's SHA-256 is checked by
+:func:`~torch_pretrain_update.shards.inspect_shards`, not by the stream). Truncation, corrupt headers, empty or
+unreadable files and bad samples are detected with or without one.
 """
 
 from __future__ import annotations
@@ -442,8 +452,11 @@ class WeightedWebDataset(IterableDataset):
                                weight_key=self.weight_key)
         ]
         if self.balance:
+            # Known class counts are the balancer's prior: its running share estimates start at the true shares
+            # instead of at the first few samples.
+            prior = self.counts if self.counts is not None and self.momentum is None else None
             b = balance_classes(self.label_key, num_classes=self.num_classes, target=self.balance_target,
-                                momentum=self.momentum, seed=self.seed)
+                                momentum=self.momentum, seed=self.seed, prior_counts=prior)
             stages.append(b)
         return stages
 
@@ -451,13 +464,6 @@ class WeightedWebDataset(IterableDataset):
         stages = self._make_stages()
         for s in stages:
             s.set_epoch(epoch)
-        if self.balance and self.counts is not None and self.momentum is None:
-            # Known class counts are the balancer's prior: its running share estimates start at the true shares
-            # instead of at the first few samples.
-            b = stages[-1]
-            st = b.state_dict()
-            st["counts"] = list(self.counts)
-            b.load_state_dict(st)
         return stages
 
     # ------------------------------------------------------------------------------------------------------------
@@ -560,7 +566,10 @@ class WeightedWebDataset(IterableDataset):
                 if url not in msg:
                     msg = f"shard {url!r}, sample __key__={raw.get('__key__')!r}: {msg}"
                 self._event(stats, msg)
-                if not keep_going:
+                if not keep_going:  # "stop": the rest of this shard range is skipped, and counted
+                    rest = sum(1 for _ in src)
+                    stats["skipped_samples"] += rest
+                    self._event(stats, f"shard {url!r}: the handler stopped the shard; {rest} more sample(s) skipped")
                     return
                 continue
             yield sample
