@@ -82,15 +82,15 @@ def _first(sampler) -> int:
 _clock = time.thread_time
 
 
-def _timed(fns: dict, repeat: int) -> dict[str, float]:
-    return interleaved(fns, repeat=repeat, warmup=1, clock=_clock)
+def _timed(fns: dict, repeat: int, warmup: int = 1) -> dict[str, float]:
+    return interleaved(fns, repeat=repeat, warmup=warmup, clock=_clock)
 
 
 # ----- 1. class balancing -----------------------------------------------------------------------------------
 
 def _class_balance(quick: bool) -> list[Result]:
     n = 20_000 if quick else 10_000_000
-    repeat = 1 if quick else 3
+    repeat = 1 if quick else 2  # the baselines take seconds each at 1e7
     labels_np = _zipf_labels(n)
     labels = torch.from_numpy(labels_np)
     counts = np.bincount(labels_np)
@@ -106,7 +106,7 @@ def _class_balance(quick: bool) -> list[Result]:
     if RandomOverSampler is not None:
         fns["imblearn_over"] = lambda: RandomOverSampler(random_state=0).fit_resample(x, labels_np)
         fns["imblearn_under"] = lambda: RandomUnderSampler(random_state=0).fit_resample(x, labels_np)
-    t = _timed(fns, repeat)
+    t = _timed(fns, repeat, warmup=0)
 
     s = ClassBalancedSampler(labels, samples_per_class="max", seed=0)
     t0 = _clock()
@@ -146,7 +146,8 @@ def _random_subset(quick: bool) -> list[Result]:
         t = _timed(fns, repeat)
         rows.append(Result(f"RandomSubsetSampler(N, N) time to first index vs torch.randperm floor, N={n:.0e}",
                            t["ours"], t["floor"], "torch.randperm(N)", ratio_kind="overhead", target="<= 1.5x",
-                           passed=t["ours"] <= 1.5 * t["floor"]))
+                           passed=t["ours"] <= 1.5 * t["floor"],
+                           note="plus a fixed ~0.3 ms: argument checks, seeding, int32 randperm copied to int64"))
         rows.append(Result(f"RandomSubsetSampler(N, N) time to first index vs DistributedSampler, N={n:.0e}",
                            t["ours"], t["dist"], "DistributedSampler(shuffle=True)"))
     return rows
