@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -143,6 +144,25 @@ def test_epochs_reshuffle_and_shuffle_false_keeps_written_order(uneven):
     assert e0 != e1 and sorted(e0) == sorted(e1)
     plain = WeightedWebDataset(None, manifest=man, num_classes=3, shuffle=False)
     assert [s["__key__"] for s in plain] == [s["__key__"] for s in samples]
+
+
+def test_set_epoch_reaches_persistent_workers(uneven):
+    man, _ = uneven
+    ds = WeightedWebDataset(None, manifest=man, num_classes=3, seed=6)
+    persistent = StatefulDataLoader(ds, batch_size=8, num_workers=2, persistent_workers=True, collate_fn=collate)
+    fresh = WeightedWebDataset(None, manifest=man, num_classes=3, seed=6)
+    epochs = []
+    for e in range(3):
+        ds.set_epoch(e)
+        fresh.set_epoch(e)
+        got = [b["key"] for b in persistent]
+        assert got == keys_of(fresh, num_workers=2)
+        epochs.append(got)
+    assert epochs[0] != epochs[1] != epochs[2]
+    clone = pickle.loads(pickle.dumps(ds))  # outside a worker start the epoch travels as a plain int
+    assert clone.epoch == 2 and [s["__key__"] for s in clone] == [s["__key__"] for s in ds]
+    clone.set_epoch(0)
+    assert ds.epoch == 2
 
 
 def test_shard_split_without_manifest(uneven):

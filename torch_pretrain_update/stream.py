@@ -66,10 +66,12 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.context import get_spawning_popen
 from typing import Any, Callable, Optional
 
 import torch
@@ -313,7 +315,9 @@ class WeightedWebDataset(IterableDataset):
         # Validate the stage options now (errors at construction, not in a worker).
         self._make_stages()
 
-        self.epoch = 0
+        # The epoch lives in shared memory so that set_epoch() in the main process reaches DataLoader workers
+        # that persist across epochs (persistent_workers=True); a plain attribute would be frozen in their copies.
+        self._epoch = multiprocessing.RawValue("q", 0)
         self.stats: dict[str, Any] = _fresh_stats()
         self._cursor: Optional[dict[str, Any]] = None
         self._offset = 0
@@ -322,9 +326,29 @@ class WeightedWebDataset(IterableDataset):
     # ------------------------------------------------------------------------------------------------------------
     # public API
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = check_int(value, "epoch", min_value=0)
+
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch: the shard order and shuffles of epoch ``e`` come from ``(seed, e)``."""
-        self.epoch = check_int(epoch, "epoch", min_value=0)
+        """Set the epoch: the shard order and shuffles of epoch ``e`` come from ``(seed, e)``. Reaches
+        DataLoader workers too, also persistent ones (the value is in shared memory)."""
+        self.epoch = epoch
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:  # pickled or copied outside of starting a worker: a plain int
+            state["_epoch"] = int(self._epoch.value)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_epoch"], int):
+            state["_epoch"] = multiprocessing.RawValue("q", state["_epoch"])
+        self.__dict__.update(state)
 
     def batches_per_rank(self, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> Optional[int]:
         """Number of batches a ``DataLoader(batch_size, num_workers)`` yields per rank and epoch (each worker
