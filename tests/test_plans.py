@@ -409,3 +409,10 @@ def test_plan_bad_input(fn, args, kwargs, exc, words):
         fn(*args, 0, 0, **kwargs)
     for w in words:
         assert w in str(info.value)
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(plans, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 8 and result.failed == 0

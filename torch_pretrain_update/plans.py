@@ -344,8 +344,9 @@ def random_subset_plan(
 
     Example::
 
-        >>> random_subset_plan(10, 3, seed=0, epoch=0, exclude=[0, 1])
-        tensor([...])
+        >>> plan = random_subset_plan(10, 3, seed=0, epoch=0, exclude=[0, 1])
+        >>> plan.numel(), len(set(plan.tolist())), bool((plan >= 2).all())
+        (3, 3, True)
     """
     num_items = _num_items(data_source)
     replacement = check_bool(replacement, "replacement")
@@ -406,8 +407,9 @@ def stratified_plan(
 
     Example::
 
-        >>> stratified_plan(torch.tensor([0, 0, 0, 0, 1, 1]), 3, seed=0, epoch=0).sort().values
-        tensor([...])
+        >>> labels = torch.tensor([0, 0, 0, 0, 1, 1])
+        >>> torch.bincount(labels[stratified_plan(labels, 3, seed=0, epoch=0)])  # quotas [2, 1]
+        tensor([2, 1])
     """
     t, num_classes = check_labels(labels, "labels")
     seed = check_int(seed, "seed")
