@@ -156,7 +156,8 @@ SAMPLES_PER_CLASS = ("max", "min", "mean")
 
 
 def _randperm(n: int, generator: torch.Generator) -> torch.Tensor:
-    """``torch.randperm`` as int64; drawn as int32 when it fits (an order of magnitude faster on CPU)."""
+    """``torch.randperm`` as int64; drawn as int32 when it fits (10-30% faster from n = 1e6 up on torch 2.13
+    CPU, measured; the int32 draw defines the stream)."""
     dtype = torch.int32 if n < 2**31 else torch.int64
     return torch.randperm(n, generator=generator, dtype=dtype).long()
 
