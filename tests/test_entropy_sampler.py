@@ -472,3 +472,45 @@ def test_bad_scores_input():
         EntropySampler.from_scores([0.0, 1.0, 0.0], 2, mode="proportional")
     with pytest.raises(TypeError, match="scores must be real numbers"):
         EntropySampler.from_scores(torch.tensor([True, False]), 1)
+
+
+# ----- the fast validation / entropy path of scores.py (optimised for the issue-2 benchmark) -----
+
+
+@pytest.mark.parametrize("fn_name", ["entropy", "margin", "least_confidence"])
+def test_scores_fast_path_keeps_exact_errors(fn_name):
+    import torch_pretrain_update.scores as sc
+
+    fn = getattr(sc, fn_name)
+    ok = np.full((6, 4), 0.25, dtype=np.float32)
+    neg = ok.copy()
+    neg[4] = [0.5, 0.5, 0.5, -0.5]  # sums to 1: only the sign is wrong
+    with pytest.raises(ValueError, match=r"x must be probabilities \(>= 0\); row 4 has -0.5"):
+        fn(neg)
+    nan = ok.copy()
+    nan[2, 1] = np.nan
+    nan[5, 0] = -1.0  # a later negative row: the first error in row order is reported, as before
+    with pytest.raises(ValueError, match="x must be finite; row 2"):
+        fn(nan)
+    near = ok.copy()
+    near[1] = [0.25, 0.25, 0.25, 0.2508]  # sum 1.0008: within the 1e-3 tolerance
+    fn(near)
+    off = ok.copy()
+    off[3] = [0.25, 0.25, 0.25, 0.2512]
+    with pytest.raises(ValueError, match=r"x rows must sum to 1 \(tolerance 0.001\); row 3 sums to 1.0012"):
+        fn(off)
+    wide = np.full((3, 5000), 1 / 5000, dtype=np.float32)  # more columns than the float32 row-sum screen
+    wide[2, :10] = 0.0
+    wide[2, 10:] = 1 / 4990
+    assert torch.isfinite(fn(wide)).all()
+    wide[1, 0] = -1e-4
+    with pytest.raises(ValueError, match="row 1 has"):
+        fn(wide)
+
+
+def test_entropy_fast_path_zero_probabilities_exact():
+    import torch_pretrain_update.scores as sc
+
+    p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype=np.float32)
+    np.testing.assert_allclose(sc.entropy(p).numpy(), numpy_entropy(p), atol=1e-7)
+    assert sc.entropy(p)[0].item() == 0.0

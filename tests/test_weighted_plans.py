@@ -230,6 +230,23 @@ def test_topk_exact_with_ties_against_numpy(seed):
     assert big_k.numel() == 9000
 
 
+@pytest.mark.parametrize("layout", ["ascending", "descending", "few_values", "constant"])
+def test_topk_block_bound_path_exact(layout):
+    # n >= 64 k takes the block-extreme bound; sorted inputs are its worst case (many candidates), constant
+    # input is all ties; smallest-k (used for exponential keys) goes through the same code.
+    n = 100_003  # not a multiple of the block count: the tail is outside every block
+    base = {
+        "ascending": np.arange(n, dtype=np.float64),
+        "descending": -np.arange(n, dtype=np.float64),
+        "few_values": np.random.default_rng(0).integers(0, 3, size=n).astype(np.float64),
+        "constant": np.zeros(n),
+    }[layout]
+    for k in (1, 10, 1000):
+        assert topk_indices(torch.from_numpy(base), k).tolist() == numpy_topk(base, k).tolist()
+        smallest = wp._select_k(torch.from_numpy(base), k, largest=False)
+        assert smallest.tolist() == np.sort(np.argsort(base, kind="stable")[:k]).tolist()
+
+
 def test_topk_large_k_path_with_ties():
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 50, size=30_000).astype(np.float32)
