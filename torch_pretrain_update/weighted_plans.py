@@ -367,13 +367,28 @@ def _select_k(values: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor:
 
 
 def _key_block(weights: torch.Tensor, b: int, seed: int, epoch: int, stream: tuple[int, ...]) -> torch.Tensor:
+    """Keys ``E_i / w_i`` of block ``b``, with ``E = -log(1 - U) ~ Exp(1)`` from a float64 uniform ``U``
+    (inverse CDF: half the cost of ``Tensor.exponential_`` here). A zero weight gives ``+inf`` (or NaN in the
+    2**-53 case ``E = 0``: NaN compares false everywhere, so it is never selected either)."""
     s = b * KEY_BLOCK
     w = weights[s : s + KEY_BLOCK]
     g = epoch_generator(seed, epoch, _S_KEYS, *stream, b)
-    keys = torch.empty(w.numel(), dtype=torch.float64).exponential_(generator=g)
-    keys.div_(w)
-    keys.masked_fill_(w == 0, math.inf)  # 0/0 when the exponential draw is exactly 0
-    return keys
+    keys = torch.rand(w.numel(), dtype=torch.float64, generator=g)
+    keys.neg_().log1p_().neg_()
+    return keys.div_(w)
+
+
+def _cutoff_sample(weights: torch.Tensor, seed: int, epoch: int, stream: tuple[int, ...]) -> torch.Tensor:
+    """Sorted keys of ``_KEY_SAMPLE`` uniformly random positions, each with its own fresh ``Exp(1)`` draw.
+
+    Each sampled key is ``<= t`` with probability exactly ``F(t) / N``, where ``F(t)`` is the expected number
+    of actual keys ``<= t``: the same distribution as the actual keys at random positions, at the cost of a
+    gather instead of a pass over all N keys.
+    """
+    g = epoch_generator(seed, epoch, _S_KEY_SAMPLE, *stream)
+    pos = torch.randint(weights.numel(), (_KEY_SAMPLE,), generator=g)
+    e = torch.rand(_KEY_SAMPLE, dtype=torch.float64, generator=g).neg_().log1p_().neg_()
+    return torch.sort(e.div_(weights[pos])).values
 
 
 def _k_smallest_keys(
@@ -384,21 +399,16 @@ def _k_smallest_keys(
     n = weights.numel()
     nb = -(-n // KEY_BLOCK)
     if nb == 1:
-        return _select_k(_key_block(weights, 0, seed, epoch, stream), k, largest=False).to(index_dtype)
-    # pass 1: a stratified sample of the keys (the same number from every block) locates the cut-off
-    per_block = -(-_KEY_SAMPLE // nb)
-    g = epoch_generator(seed, epoch, _S_KEY_SAMPLE, *stream)
-    sample = []
-    for b in range(nb):
-        keys = _key_block(weights, b, seed, epoch, stream)
-        sample.append(keys[torch.randint(keys.numel(), (per_block,), generator=g)])
-        del keys
-    sample_sorted = torch.sort(torch.cat(sample)).values
+        keys = _key_block(weights, 0, seed, epoch, stream)
+        keys.masked_fill_(weights == 0, math.inf)  # no NaN for topk / kthvalue
+        return _select_k(keys, k, largest=False).to(index_dtype)
+    sample_sorted = _cutoff_sample(weights, seed, epoch, stream)
     s = sample_sorted.numel()
     q = k / n
-    # the cut-off's rank in the sample +- z standard deviations of a binomial count (+2 for rounding); if the
-    # estimate misses (a rare event, or very uneven weights) widen it, and at last take every finite key as
-    # the band (exact either way, only slower and larger)
+    # the cut-off's rank in the sample +- z standard deviations of a binomial count (+2 for rounding); the
+    # actual count's own spread (sd <= sqrt(k)) is smaller than the sample's scaled to N. If the estimate
+    # misses (a rare event) widen it, and at last take every finite key as the band: exact either way, only
+    # slower and larger.
     for z in (6.0, 48.0, math.inf):
         t_lo, t_hi = -math.inf, math.inf
         if math.isfinite(z):
@@ -408,23 +418,25 @@ def _k_smallest_keys(
                 t_lo = float(sample_sorted[j_lo])
             if j_hi < s:
                 t_hi = float(sample_sorted[j_hi])
-        # pass 2: regenerate the blocks; keep indices below t_lo and the band [t_lo, t_hi]
+        # one pass over the blocks: keep the indices below t_lo and the band [t_lo, t_hi]
         below: list[torch.Tensor] = []
         band_keys: list[torch.Tensor] = []
         band_idx: list[torch.Tensor] = []
         count_below = 0
         for b in range(nb):
             keys = _key_block(weights, b, seed, epoch, stream)
-            lo = torch.nonzero(keys < t_lo).squeeze(1)
+            cand = torch.nonzero(keys <= t_hi if math.isfinite(t_hi) else keys < math.inf).squeeze(1)
+            ck = keys[cand]
+            del keys
+            low = ck < t_lo
+            lo = cand[low]
             count_below += lo.numel()
             if count_below > k:
                 break
             below.append((lo + b * KEY_BLOCK).to(index_dtype))
-            in_band = (keys >= t_lo) & (keys <= t_hi) & torch.isfinite(keys)
-            pos = torch.nonzero(in_band).squeeze(1)
-            band_keys.append(keys[pos])
-            band_idx.append(pos + b * KEY_BLOCK)
-            del keys
+            in_band = ~low
+            band_keys.append(ck[in_band])
+            band_idx.append(cand[in_band] + b * KEY_BLOCK)
         band_total = sum(x.numel() for x in band_keys)
         if count_below <= k <= count_below + band_total:
             break
