@@ -73,12 +73,24 @@ def _case(n: int, c: int, k: int, repeat: int, judge: bool = True) -> list[Resul
     tag = f"N={n:.0e}, C={c}"
     speed_target = 100 if c <= 10 else 15
     return [
-        Result(f"entropy top-k (EntropySampler plan) vs seed sample_by_entropy, {tag}", t["ours"], t_seed,
-               "seed sample_by_entropy (Python loop + argsort)", target=f">= {speed_target}x",
-               passed=t_seed / t["ours"] >= speed_target if judge else None, note=note),
-        Result(f"entropy top-k (EntropySampler plan) vs one torch.log pass, {tag}", t["ours"], t["log"],
-               "torch.log(probs), the floor", ratio_kind="overhead", target="<= 2.5x",
-               passed=t["ours"] / t["log"] <= 2.5 if judge else None),
+        Result(
+            f"entropy top-k (EntropySampler plan) vs seed sample_by_entropy, {tag}",
+            t["ours"],
+            t_seed,
+            "seed sample_by_entropy (Python loop + argsort)",
+            target=f">= {speed_target}x",
+            passed=t_seed / t["ours"] >= speed_target if judge else None,
+            note=note,
+        ),
+        Result(
+            f"entropy top-k (EntropySampler plan) vs one torch.log pass, {tag}",
+            t["ours"],
+            t["log"],
+            "torch.log(probs), the floor",
+            ratio_kind="overhead",
+            target="<= 2.5x",
+            passed=t["ours"] / t["log"] <= 2.5 if judge else None,
+        ),
     ]
 
 

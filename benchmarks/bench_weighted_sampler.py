@@ -70,15 +70,25 @@ def _versus(quick: bool) -> list[Result]:
         return WeightedRandomSampler(w, n, replacement=True, generator=torch.Generator().manual_seed(0))
 
     repeat = 2 if quick else 3
-    first = interleaved({"ours": lambda: _first(ours), "theirs": lambda: _first(theirs)}, repeat=repeat,
-                        clock=_clock)
-    total = interleaved({"ours": lambda: _drain(ours), "theirs": lambda: _drain(theirs)}, repeat=repeat - 1,
-                        clock=_clock)
+    first = interleaved(
+        {"ours": lambda: _first(ours), "theirs": lambda: _first(theirs)}, repeat=repeat, clock=_clock
+    )
+    total = interleaved(
+        {"ours": lambda: _drain(ours), "theirs": lambda: _drain(theirs)}, repeat=repeat - 1, clock=_clock
+    )
     return [
-        Result(f"WeightedSampler time to first index, N={n:.0e}", first["ours"], first["theirs"],
-               "WeightedRandomSampler"),
-        Result(f"WeightedSampler whole epoch drained ({n:.0e} indices)", total["ours"], total["theirs"],
-               "WeightedRandomSampler"),
+        Result(
+            f"WeightedSampler time to first index, N={n:.0e}",
+            first["ours"],
+            first["theirs"],
+            "WeightedRandomSampler",
+        ),
+        Result(
+            f"WeightedSampler whole epoch drained ({n:.0e} indices)",
+            total["ours"],
+            total["theirs"],
+            "WeightedRandomSampler",
+        ),
     ]
 
 
@@ -122,8 +132,13 @@ _CHILD = textwrap.dedent(
 
 def _child(n: int, k: int, replacement: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(k), "1" if replacement else "0"],
-                         capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(n), str(k), "1" if replacement else "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"child failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -136,13 +151,28 @@ def _alone(quick: bool) -> list[Result]:
         r = _child(n, k, replacement)
         kind = "with replacement" if replacement else f"without replacement, num_samples={k:.0e}"
         judge = None if quick else r["cpu"] <= 1.0
-        rows.append(Result(f"WeightedSampler alone, N={n:.0e}, {kind}: time to first index", r["cpu"], None,
-                           target="<= 1 s" if replacement else "", passed=judge if replacement else None,
-                           note=f"wall {r['wall']:.2f} s"))
+        rows.append(
+            Result(
+                f"WeightedSampler alone, N={n:.0e}, {kind}: time to first index",
+                r["cpu"],
+                None,
+                target="<= 1 s" if replacement else "",
+                passed=judge if replacement else None,
+                note=f"wall {r['wall']:.2f} s",
+            )
+        )
         per = r["extra"] / n
-        rows.append(Result(f"WeightedSampler alone, N={n:.0e}, {kind}: extra memory per weight", per, None,
-                           unit="B", target="<= 16 B", passed=None if quick else per <= 16,
-                           note=f"{r['extra'] / 2**20:.0f} MiB extra; method: {r['method']}"))
+        rows.append(
+            Result(
+                f"WeightedSampler alone, N={n:.0e}, {kind}: extra memory per weight",
+                per,
+                None,
+                unit="B",
+                target="<= 16 B",
+                passed=None if quick else per <= 16,
+                note=f"{r['extra'] / 2**20:.0f} MiB extra; method: {r['method']}",
+            )
+        )
     return rows
 
 
@@ -197,14 +227,27 @@ def _resume(quick: bool) -> list[Result]:
         ours = _resume_time(make_ours, pos, bs, repeat=1 if quick else 3)
         theirs = _resume_time(make_theirs, pos, bs, repeat=1 if quick or pos >= 1_000_000 else 3)
         ours_t[pos] = ours
-        rows.append(Result(f"WeightedSampler StatefulDataLoader resume at position {pos:.0e} "
-                           f"(batch {bs}, N={n:.0e})", ours, theirs,
-                           "WeightedRandomSampler (not Stateful: replayed)",
-                           note="ours: O(1) jump to the chunk; includes building the cumulative sums"))
+        rows.append(
+            Result(
+                f"WeightedSampler StatefulDataLoader resume at position {pos:.0e} (batch {bs}, N={n:.0e})",
+                ours,
+                theirs,
+                "WeightedRandomSampler (not Stateful: replayed)",
+                note="ours: O(1) jump to the chunk; includes building the cumulative sums",
+            )
+        )
     lo, hi = positions[0], positions[-1]
-    rows.append(Result(f"WeightedSampler resume cost at {hi:.0e} vs at {lo:.0e} (flat in n)", ours_t[hi],
-                       ours_t[lo], f"ours at position {lo:.0e}", ratio_kind="overhead", target="<= 2x",
-                       passed=None if quick else ours_t[hi] <= 2 * ours_t[lo]))
+    rows.append(
+        Result(
+            f"WeightedSampler resume cost at {hi:.0e} vs at {lo:.0e} (flat in n)",
+            ours_t[hi],
+            ours_t[lo],
+            f"ours at position {lo:.0e}",
+            ratio_kind="overhead",
+            target="<= 2x",
+            passed=None if quick else ours_t[hi] <= 2 * ours_t[lo],
+        )
+    )
     return rows
 
 

@@ -12,6 +12,7 @@ from torch_pretrain_update import partial as _partial
 from torch_pretrain_update import plans as _plans
 from torch_pretrain_update import samplers as _samplers
 from torch_pretrain_update import scores as _scores
+from torch_pretrain_update import selection_rounds as _selection_rounds
 from torch_pretrain_update import shards as _shards
 from torch_pretrain_update import stages as _stages
 from torch_pretrain_update import stream as _stream
@@ -28,6 +29,7 @@ from torch_pretrain_update.partial import *  # noqa: F403
 from torch_pretrain_update.plans import *  # noqa: F403
 from torch_pretrain_update.samplers import *  # noqa: F403
 from torch_pretrain_update.scores import *  # noqa: F403
+from torch_pretrain_update.selection_rounds import *  # noqa: F403
 from torch_pretrain_update.shards import *  # noqa: F403
 from torch_pretrain_update.stages import *  # noqa: F403
 from torch_pretrain_update.stream import *  # noqa: F403
@@ -42,4 +44,4 @@ __version__ = "0.1.0"
 __all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__, *_weighted_plans.__all__,
            *_weighted_sampler.__all__, *_entropy_sampler.__all__, *_decode.__all__, *_stages.__all__,
            *_weighted_dataset.__all__, *_distill.__all__, *_teacher_cache.__all__, *_plans.__all__, *_samplers.__all__,
-           *_shards.__all__, *_stream.__all__]
+           *_shards.__all__, *_stream.__all__, *_selection_rounds.__all__]
