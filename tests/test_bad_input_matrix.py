@@ -11,7 +11,6 @@ returned holds a NaN (the silent-NaN failure this matrix exists to catch).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import math
 import re
@@ -33,6 +32,7 @@ from torch_pretrain_update.entropy_sampler import EntropySampler
 from torch_pretrain_update.partial import GradualUnfreezing, freeze, partial_optimizer, unfreeze
 from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 from torch_pretrain_update.scores import compute_scores, entropy, least_confidence, margin
+from torch_pretrain_update.selection_rounds import SelectionRounds
 from torch_pretrain_update.stages import balance_classes, select_by_entropy, with_class_weights, with_entropy_weights
 from torch_pretrain_update.weighted_dataset import WeightedDataset
 from torch_pretrain_update.weighted_sampler import WeightedSampler
@@ -42,8 +42,6 @@ pytestmark = pytest.mark.timeout(60)
 
 NAN, INF = float("nan"), float("inf")
 CLI = "cli"  # marker for the expected outcome of a command-line case: exit status 2, one line on stderr
-HAVE_ROUNDS = importlib.util.find_spec("torch_pretrain_update.selection_rounds") is not None
-NO_ROUNDS = None if HAVE_ROUNDS else "selection_rounds.py (SelectionRounds) is not written yet"
 
 
 @dataclass
@@ -109,9 +107,7 @@ def _wds_iterate_missing(tmp: Path) -> list:
     return list(ds)
 
 
-def _rounds(*args: Any, **kw: Any) -> Any:
-    from torch_pretrain_update.selection_rounds import SelectionRounds
-
+def _rounds(*args: Any, **kw: Any) -> SelectionRounds:
     return SelectionRounds(*args, **kw)
 
 
@@ -437,18 +433,14 @@ CASES: list[Case] = [
     Case("gradual/lr_factor=0", lambda t: _gradual(lr_factor=0.0), ValueError, "lr_factor", r"\b0(\.0)?\b"),
     Case("gradual/state-stage-out-of-range", lambda t: _gradual_load_bad_stage(), ValueError, "stage", r"\b5\b"),
     # ----- SelectionRounds (issue 9)
-    Case("rounds/budget>pool", lambda t: _rounds(10, 20, 2), ValueError, "budget", r"\b20\b",
-         NO_ROUNDS),
-    Case("rounds/rounds=0", lambda t: _rounds(10, 5, 0), ValueError, "rounds", r"\b0\b",
-         NO_ROUNDS),
+    Case("rounds/budget>pool", lambda t: _rounds(10, 20, 2), ValueError, "budget", r"\b20\b"),
+    Case("rounds/rounds=0", lambda t: _rounds(10, 5, 0), ValueError, "rounds", r"\b0\b"),
     Case("rounds/unknown-strategy", lambda t: _rounds(10, 5, 2, strategy="bogus"), ValueError, "strategy",
-         "'bogus'", NO_ROUNDS),
+         "'bogus'"),
     Case("rounds/random-fraction>1", lambda t: _rounds(10, 5, 2, random_fraction=1.5), ValueError,
-         "random_fraction", r"1\.5", NO_ROUNDS),
-    Case("rounds/nan-scores", lambda t: _rounds_next([0.1, NAN, 0.2, 0.3, 0.4, 0.5]), ValueError, "scores", r"\bnan\b",
-         NO_ROUNDS),
-    Case("rounds/scores-length", lambda t: _rounds_next([0.1, 0.2, 0.3]), ValueError, "scores", r"\b3\b",
-         NO_ROUNDS),
+         "random_fraction", r"1\.5"),
+    Case("rounds/nan-scores", lambda t: _rounds_next([0.1, NAN, 0.2, 0.3, 0.4, 0.5]), ValueError, "scores", r"\bnan\b"),
+    Case("rounds/scores-length", lambda t: _rounds_next([0.1, 0.2, 0.3]), ValueError, "scores", r"\b3\b"),
     # ----- CLI (exit status 2, one line naming the option and the value)
     Case("cli/unknown-strategy",
          _cli(lambda t: ["select", _probs_file(t), "--budget", "3", "--strategy", "bogus", "-o", _out(t)]), CLI,

@@ -8,7 +8,6 @@ SelectionRounds between rounds, and StatefulDataLoader (0 and 2 workers) driving
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -25,14 +24,13 @@ from tests.resume_harness import to_py
 from torch_pretrain_update.entropy_sampler import EntropySampler
 from torch_pretrain_update.partial import GradualUnfreezing, partial_optimizer
 from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+from torch_pretrain_update.selection_rounds import SelectionRounds
 from torch_pretrain_update.shards import write_shards
 from torch_pretrain_update.stages import balance_classes, select_by_entropy, with_class_weights, with_entropy_weights
 from torch_pretrain_update.stream import WeightedWebDataset
 from torch_pretrain_update.weighted_sampler import WeightedSampler
 
 pytestmark = pytest.mark.timeout(120)
-
-HAVE_ROUNDS = importlib.util.find_spec("torch_pretrain_update.selection_rounds") is not None
 
 
 # ------------------------------------------------------------------------------------------------ round trips
@@ -248,15 +246,12 @@ def test_gradual_unfreezing_state(how: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- SelectionRounds
-@pytest.mark.xfail(not HAVE_ROUNDS, strict=True, reason="selection_rounds.py (SelectionRounds) is not written yet")
 @pytest.mark.parametrize("how", sorted(ROUND_TRIPS))
 def test_selection_rounds_state(how: str) -> None:
-    from torch_pretrain_update.selection_rounds import SelectionRounds
-
     g = torch.Generator().manual_seed(1)
     scores = [torch.rand(50, generator=g) for _ in range(4)]
 
-    def make() -> Any:
+    def make() -> SelectionRounds:
         return SelectionRounds(50, 20, 4, random_fraction=0.5, seed=3)
 
     rounds = make()
