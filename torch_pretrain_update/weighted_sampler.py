@@ -10,6 +10,7 @@ global plan, and a resume jumps straight to its chunk.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,7 +91,8 @@ class WeightedSampler(PlanSampler):
             seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last
         )
         self.replacement = check_bool(replacement, "replacement")
-        self.num_samples = check_int(num_samples, "num_samples", min_value=1)
+        # at most 2**63 - 1: plan positions are int64 and len(sampler) must fit in a Py_ssize_t
+        self.num_samples = check_int(num_samples, "num_samples", min_value=1, max_value=sys.maxsize)
         self.weights = check_weights(weights, "weights")
         if not self.replacement:
             positive = _count_positive(self.weights)
