@@ -296,3 +296,17 @@ def test_demo_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
     assert len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.timeout(240)
+def test_numbers_do_not_depend_on_worker_processes(tmp_path):
+    """Seeds run in spawned processes give exactly the numbers of the in-process run (only times differ)."""
+    base = dict(seeds=2, pretrain_epochs=2, update_epochs=1, data_fraction=0.3, progress=False)
+    results = []
+    for workers in (1, 2):
+        cfg = demo.DemoConfig.quick_config(out=str(tmp_path / f"w{workers}"), workers=workers, **base)
+        results.append(demo.run_demo(cfg)["results"])
+    assert [r["environment"]["processes"] for r in results] == [1, 2]
+    for a, b in zip(results[0]["rows"], results[1]["rows"]):
+        for metric in ("new_acc", "old_acc", "minority_recall", "samples_used", "rare_share"):
+            assert a["metrics"][metric]["per_seed"] == b["metrics"][metric]["per_seed"], (a["strategy"], metric)

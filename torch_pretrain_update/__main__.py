@@ -4,4 +4,5 @@ import sys
 
 from torch_pretrain_update.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned worker processes import this module under another name
+    sys.exit(main())

@@ -386,7 +386,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"out": args.out, "seed": args.seed, "label_key": args.label_key,
                                  "input_key": args.input_key, "data": args.data,
                                  "progress": False if args.no_progress else None}
-    for name in ("seeds", "budget", "rounds"):
+    for name in ("seeds", "budget", "rounds", "workers"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -404,7 +404,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- parser
 _MAIN_EXAMPLES = f"""\
 examples:
-  {PROG} demo --out demo_out                  # the end-to-end comparison on sklearn's digits (~1-3 min)
+  {PROG} demo --out demo_out                  # the end-to-end comparison on sklearn's digits (~1-2 min)
   {PROG} demo --quick --out /tmp/demo          # a reduced run (seconds)
   {PROG} select probs.npy --budget 0.1 --strategy entropy -o keep.npy
   {PROG} weights labels.npy --scheme effective_number --beta 0.999
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=_DEMO_HELP, formatter_class=fmt)
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="reduced run (2 seeds, few epochs; used by the tests)")
-    p.add_argument("--seeds", type=_positive_int, metavar="N", help="number of seeds (default 3; --quick: 2)")
+    p.add_argument("--seeds", type=_positive_int, metavar="N", help="number of seeds (default 5; --quick: 2)")
     p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="first seed (default 0)")
     p.add_argument("--budget", type=_open_fraction, metavar="F",
                    help="fraction of the new pool the update may use (default 0.1)")
@@ -496,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="PATTERN", help="your own WebDataset shards instead of the digits")
     p.add_argument("--label-key", default="cls", metavar="K", help="label member of --data (default: cls)")
     p.add_argument("--input-key", metavar="K", help="input member of --data (default: npy, png, jpg, ...)")
+    p.add_argument("--workers", type=_positive_int, metavar="P",
+                   help="processes running seeds in parallel (default: min(2, CPUs)); the numbers do not depend "
+                        "on it, only the wall times")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 

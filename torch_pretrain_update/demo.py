@@ -84,7 +84,7 @@ class DemoConfig:
     """Settings of one demo run (the CLI fills it; the defaults are the full run)."""
 
     out: str = "demo_out"
-    seeds: int = 3
+    seeds: int = 5
     seed: int = 0
     budget: float = 0.1
     quick: bool = False
@@ -102,7 +102,8 @@ class DemoConfig:
     noise: float = 0.1
     max_shift: int = 1
     progress: Optional[bool] = None  # None: tqdm decides (on when stderr is a terminal)
-    threads: int = 1
+    threads: int = 1  # torch threads per process (tiny models: more threads only add synchronisation)
+    workers: int = 0  # processes running seeds in parallel; 0: min(2, CPUs, seeds)
     data_fraction: float = 1.0  # share of every class used at all (--quick: 0.5)
 
     def __post_init__(self) -> None:
@@ -114,6 +115,7 @@ class DemoConfig:
         self.update_epochs = check_int(self.update_epochs, "update_epochs", min_value=1)
         self.batch_size = check_int(self.batch_size, "batch_size", min_value=1)
         self.threads = check_int(self.threads, "threads", min_value=1)
+        self.workers = check_int(self.workers, "workers", min_value=0)
         self.mix_fraction = check_float(self.mix_fraction, "mix_fraction", low=0.0, high=1.0)
         self.data_fraction = check_float(self.data_fraction, "data_fraction", low=0.0, high=1.0,
                                          low_inclusive=False)
@@ -572,6 +574,11 @@ def _env() -> dict[str, Any]:
     }
 
 
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the whole comparison and write ``report.md``, ``results.json`` and ``results.png`` into ``cfg.out``.
 
@@ -579,7 +586,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     ``"files"`` and ``"wall_s"``.
     """
     t_start = time.perf_counter()
-    cpu_start = time.process_time()
+    cpu_start = _cpu_seconds()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -595,46 +602,96 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         else:
             arrays = load_shard_arrays(cfg.data, label_key=cfg.label_key, input_key=cfg.input_key,
                                        progress=cfg.progress)
-        per_seed = [_run_seed(arrays, cfg.seed + i, cfg) for i in range(cfg.seeds)]
+        per_seed = _run_seeds(arrays, cfg)
     finally:
         torch.set_num_threads(threads)
     results = _aggregate(per_seed, arrays, cfg)
     results["wall_s"] = time.perf_counter() - t_start
-    results["cpu_s"] = time.process_time() - cpu_start
+    results["cpu_s"] = _cpu_seconds() - cpu_start  # this process and its (finished) worker processes
     table = format_table(results)
     files = write_outputs(results, table, out)
     return {"results": results, "table": table, "files": files, "wall_s": results["wall_s"]}
 
 
-def _run_seed(arrays: Arrays, seed: int, cfg: DemoConfig) -> dict[str, Any]:
+_RUNS_PER_SEED = len(UPDATES) * (len(STRATEGIES) + 1)
+
+
+def num_workers(cfg: DemoConfig) -> int:
+    """Processes the seeds run in: ``cfg.workers``, or by default ``min(2, CPUs)``; never more than seeds."""
+    return min(cfg.workers or min(2, os.cpu_count() or 1), cfg.seeds)
+_worker_queue: Any = None  # set in each worker process by _init_worker
+
+
+def _init_worker(queue: Any, threads: int) -> None:
+    global _worker_queue
+    _worker_queue = queue
+    torch.set_num_threads(threads)
+
+
+def _seed_in_worker(arrays: Arrays, seed: int, cfg: DemoConfig) -> dict[str, Any]:
+    return _run_seed(arrays, seed, cfg, tick=_worker_queue.put)
+
+
+def _run_seeds(arrays: Arrays, cfg: DemoConfig) -> list[dict[str, Any]]:
+    """Every seed's runs, in seed order; in ``cfg.workers`` processes (spawned: nothing inherited but the
+    arguments) when more than one. Each seed is a pure function of its inputs, so the numbers do not depend on
+    the number of processes (only the wall times do)."""
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    workers = num_workers(cfg)
+    disable = _disable(cfg.progress)
+    totals = {"pretrain": len(seeds) * cfg.pretrain_epochs, "score": len(seeds), "update": len(seeds) * _RUNS_PER_SEED}
+    units = {"pretrain": "epoch", "score": "seed", "update": "run"}
+    bars = {k: tqdm(total=totals[k], desc=f"{k:<8}", unit=units[k], disable=disable, position=i, leave=False)
+            for i, k in enumerate(totals)}
+    try:
+        if workers <= 1:
+            return [_run_seed(arrays, seed, cfg, tick=lambda kind: bars[kind].update(1)) for seed in seeds]
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, wait
+
+        ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads is not safe
+        queue = ctx.Queue()
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(queue, cfg.threads)) as pool:
+            futures = [pool.submit(_seed_in_worker, arrays, seed, cfg) for seed in seeds]
+            pending = set(futures)
+            while pending:
+                _, pending = wait(pending, timeout=0.2)
+                while not queue.empty():
+                    bars[queue.get()].update(1)
+            while not queue.empty():
+                bars[queue.get()].update(1)
+            return [f.result() for f in futures]
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _run_seed(arrays: Arrays, seed: int, cfg: DemoConfig, tick: Callable[[str], None]) -> dict[str, Any]:
+    """One seed: scenario, pretraining, then every (strategy, update) run. ``tick(phase)`` reports progress
+    (``"pretrain"`` per epoch, ``"score"`` once, ``"update"`` per run)."""
     scen = build_scenario(arrays, seed, cfg)
     rare = scen.split.rare
     rare_mask = torch.from_numpy(np.isin(scen.y_pool.numpy(), rare))
     budget = budget_count(cfg, len(scen.y_pool))
-    disable = _disable(cfg.progress)
 
     torch.manual_seed(mix_seed(seed, 5))
     old = make_model(tuple(scen.x_old_train.shape[1:]), scen.num_classes)
     t0 = time.perf_counter()
-    with tqdm(total=cfg.pretrain_epochs, desc=f"seed {seed}: pretrain", unit="epoch", disable=disable,
-              leave=False) as bar:
-        train(old, scen.x_old_train, scen.y_old_train, method="finetune", cfg=cfg, epochs=cfg.pretrain_epochs,
-              seed=mix_seed(seed, 6), on_epoch=lambda: bar.update(1))
+    train(old, scen.x_old_train, scen.y_old_train, method="finetune", cfg=cfg, epochs=cfg.pretrain_epochs,
+          seed=mix_seed(seed, 6), on_epoch=lambda: tick("pretrain"))
     pretrain_s = time.perf_counter() - t0
     runs: dict[tuple[str, str], dict[str, float]] = {}
     base = evaluate(old, scen, rare)
     runs[("pretrained", "-")] = {**base, "samples_used": 0.0, "rare_share": float("nan"), "time_s": 0.0}
 
     t0 = time.perf_counter()
-    with tqdm(total=1, desc=f"seed {seed}: score pool", unit="pass", disable=disable, leave=False) as bar:
-        logits = pool_logits(old, scen.x_pool)
-        bar.update(1)
+    logits = pool_logits(old, scen.x_pool)
     score_s = time.perf_counter() - t0
+    tick("score")
 
     one_shot = [k for k, _ in STRATEGIES if not k.startswith("rounds_")]
     multi = [k for k, _ in STRATEGIES if k.startswith("rounds_")]
-    n_runs = len(UPDATES) * (len(STRATEGIES) + 1)
-    bar = tqdm(total=n_runs, desc=f"seed {seed}: updates", unit="run", disable=disable, leave=False)
 
     def fit(indices: torch.Tensor, method: str, run_seed: int) -> tuple[nn.Module, float]:
         model = copy.deepcopy(old)
@@ -647,33 +704,27 @@ def _run_seed(arrays: Arrays, seed: int, cfg: DemoConfig) -> dict[str, Any]:
         uniq = torch.unique(indices)
         runs[key] = {**evaluate(model, scen, rare), "samples_used": float(uniq.numel()),
                      "rare_share": float(rare_mask[indices].float().mean()), "time_s": took}
-        bar.update(1)
+        tick("update")
 
-    try:
-        for strategy in one_shot:
-            t = time.perf_counter()
-            chosen = select_one_shot(strategy, scen, logits, budget, seed, cfg)
-            select_s = time.perf_counter() - t + (score_s if strategy.startswith("entropy") else 0.0)
-            for method, _ in UPDATES:
-                bar.set_postfix_str(f"{strategy} / {method}")
-                model, took = fit(chosen, method, mix_seed(seed, 8))
-                record((strategy, method), model, chosen, select_s + took)
-        for strategy in multi:
-            for method, _ in UPDATES:
-                bar.set_postfix_str(f"{strategy} / {method}")
-                t = time.perf_counter()
-                chosen, model = select_rounds(
-                    strategy, scen, old, budget, seed, cfg,
-                    lambda idx, method=method: fit(idx, method, mix_seed(seed, 8))[0],
-                )
-                record((strategy, method), model, chosen, time.perf_counter() - t)
-        everything = torch.arange(len(scen.y_pool))
+    for strategy in one_shot:
+        t = time.perf_counter()
+        chosen = select_one_shot(strategy, scen, logits, budget, seed, cfg)
+        select_s = time.perf_counter() - t + (score_s if strategy.startswith("entropy") else 0.0)
         for method, _ in UPDATES:
-            bar.set_postfix_str(f"all_new / {method}")
-            model, took = fit(everything, method, mix_seed(seed, 8))
-            record(("all_new", method), model, everything, took)
-    finally:
-        bar.close()
+            model, took = fit(chosen, method, mix_seed(seed, 8))
+            record((strategy, method), model, chosen, select_s + took)
+    for strategy in multi:
+        for method, _ in UPDATES:
+            t = time.perf_counter()
+            chosen, model = select_rounds(
+                strategy, scen, old, budget, seed, cfg,
+                lambda idx, method=method: fit(idx, method, mix_seed(seed, 8))[0],
+            )
+            record((strategy, method), model, chosen, time.perf_counter() - t)
+    everything = torch.arange(len(scen.y_pool))
+    for method, _ in UPDATES:
+        model, took = fit(everything, method, mix_seed(seed, 8))
+        record(("all_new", method), model, everything, took)
     return {
         "seed": seed,
         "budget": budget,
@@ -712,7 +763,7 @@ def _aggregate(per_seed: list[dict[str, Any]], arrays: Arrays, cfg: DemoConfig) 
     cfg_dict = asdict(cfg)
     return {
         "config": cfg_dict,
-        "environment": _env() | {"torch_threads": cfg.threads},
+        "environment": _env() | {"torch_threads": cfg.threads, "processes": num_workers(cfg)},
         "data": {
             "source": arrays.source,
             "samples": int(len(arrays.y)),
@@ -769,15 +820,20 @@ def _paired(results: dict[str, Any], a: str, b: str, update: str, metric: str = 
     return _stats([x - y for x, y in zip(va, vb)])
 
 
+_ABOVE, _WITHIN, _BELOW, _EQUAL = ("more than one std above", "within one std of", "more than one std below",
+                                   "equal to")
+
+
 def _verdict(stat: dict[str, Any]) -> str:
-    """above / below / within: is the mean paired difference larger than its spread over seeds?"""
+    """Where the mean paired difference lies relative to its own standard deviation over the seeds (a plain
+    description, not a significance test)."""
     if stat["std"] == 0.0 and stat["mean"] == 0.0:
-        return "equal to"
+        return _EQUAL
     if stat["mean"] > stat["std"]:
-        return "above"
+        return _ABOVE
     if stat["mean"] < -stat["std"]:
-        return "below"
-    return "within the seed spread of"
+        return _BELOW
+    return _WITHIN
 
 
 def observations(results: dict[str, Any]) -> list[str]:
@@ -796,7 +852,7 @@ def observations(results: dict[str, Any]) -> list[str]:
         worst = min(strat_rows, key=lambda r: r["metrics"]["new_acc"]["mean"])
         rnd = _row(results, "random", method)["metrics"]["new_acc"]
         allnew = _row(results, "all_new", method)["metrics"]["new_acc"]
-        groups: dict[str, list[str]] = {"above": [], "below": [], "within the seed spread of": [], "equal to": []}
+        groups: dict[str, list[str]] = {_ABOVE: [], _WITHIN: [], _BELOW: [], _EQUAL: []}
         for r in strat_rows:
             if r["strategy"] == "random":
                 continue
@@ -809,7 +865,7 @@ def observations(results: dict[str, Any]) -> list[str]:
             f"{_pm(allnew)} %. Paired difference to random (points, mean ± std over {n} seeds): "
         )
         parts = []
-        for verdict in ("above", "within the seed spread of", "below", "equal to"):
+        for verdict in (_ABOVE, _WITHIN, _BELOW, _EQUAL):
             if groups[verdict]:
                 parts.append(f"{verdict} random: {', '.join(groups[verdict])}")
         lines.append(text + "; ".join(parts) + ".")
@@ -817,7 +873,7 @@ def observations(results: dict[str, Any]) -> list[str]:
             d = _paired(results, many, one, method)
             lines.append(
                 f"{mlabel}: {labels[many]} vs one-shot {labels[one]}: {d['mean'] * 100:+.1f} ± "
-                f"{d['std'] * 100:.1f} points of new accuracy ({_verdict(d).replace(' of', '')})."
+                f"{d['std'] * 100:.1f} points of new accuracy ({_verdict(d)} 0)."
             )
     forget = []
     for method, mlabel in UPDATES:
@@ -830,8 +886,8 @@ def observations(results: dict[str, Any]) -> list[str]:
     )
     if n < 5:
         lines.append(
-            f"With {n} seeds the spread is itself uncertain; a difference within one standard deviation should "
-            "be read as no measured difference."
+            f"With {n} seeds the spread is itself uncertain: a difference within one standard deviation is no "
+            "measured difference, and one just outside it is weak evidence (run `--seeds 5` or more to firm it up)."
         )
     return lines
 
@@ -855,7 +911,8 @@ def _describe(results: dict[str, Any]) -> list[str]:
         f"the majority ({seeds[0]['pool_rare_share'] * 100:.0f}% of {pool} samples for seed {seeds[0]['seed']}); "
         f"every new image is shifted by up to {cfg['max_shift']} pixel and gets Gaussian noise (std "
         f"{cfg['noise']}). New test: 17% of every class, transformed ({split['new_test']} samples).",
-        f"- **Budget**: {cfg['budget'] * 100:g}% of the new pool = {seeds[0]['budget']} samples for the update.",
+        f"- **Budget**: {cfg['budget'] * 100:g}% of the new pool = {_span([x['budget'] for x in seeds])} samples "
+        "for the update (the pool size varies a little with the seed's rare classes).",
         f"- **Model**: {model}; pretrained {cfg['pretrain_epochs']} epochs on the old training part (Adam, lr "
         f"{cfg['lr']}, batch {cfg['batch_size']}).",
         f"- **Update** (same recipe for every strategy, nothing tuned per strategy): {cfg['update_epochs']} epochs, "
@@ -878,6 +935,11 @@ def _describe(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _span(values: Sequence[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def format_report(results: dict[str, Any], table: str) -> str:
     cfg = results["config"]
     seeds = [s["seed"] for s in results["seeds"]]
@@ -887,8 +949,9 @@ def format_report(results: dict[str, Any], table: str) -> str:
         "# pretrain-update demo: updating a pretrained model on drifted data under a budget",
         "",
         f"Generated by `pretrain-update demo{' --quick' if cfg['quick'] else ''}` on {when}: {len(seeds)} seeds "
-        f"({', '.join(map(str, seeds))}), total wall time {results['wall_s']:.1f} s (CPU {results['cpu_s']:.1f} s, "
-        f"{env['torch_threads']} torch thread(s), {env['cpu_count']} CPUs visible), torch {env['torch']}.",
+        f"({', '.join(map(str, seeds))}), total wall time {results['wall_s']:.1f} s ({env['processes']} "
+        f"process(es) with {env['torch_threads']} torch thread each, {env['cpu_count']} CPUs visible), "
+        f"torch {env['torch']}.",
         "",
         "## Setup",
         "",
@@ -922,12 +985,14 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(UPDATES), figsize=(5.2 * len(UPDATES), 5.0), sharex=True, sharey=True)
     base = _row(results, "pretrained", "-")["metrics"]
-    colors = plt.get_cmap("tab10")
+    tab10 = plt.get_cmap("tab10")
+    colors = [tab10(i) for i in range(10) if i != 7]  # tab10's grey (7) is left to the reference points
     for ax, (method, mlabel) in zip(np.atleast_1d(axes), UPDATES):
         for i, (strategy, slabel) in enumerate(STRATEGIES):
             m = _row(results, strategy, method)["metrics"]
             ax.errorbar(m["new_acc"]["mean"] * 100, m["old_acc"]["mean"] * 100, xerr=m["new_acc"]["std"] * 100,
-                        yerr=m["old_acc"]["std"] * 100, fmt=_MARKERS[i % len(_MARKERS)], color=colors(i),
+                        yerr=m["old_acc"]["std"] * 100, fmt=_MARKERS[i % len(_MARKERS)],
+                        color=colors[i % len(colors)],
                         label=slabel, capsize=3, markersize=7)
         m = _row(results, "all_new", method)["metrics"]
         ax.errorbar(m["new_acc"]["mean"] * 100, m["old_acc"]["mean"] * 100, xerr=m["new_acc"]["std"] * 100,
