@@ -78,7 +78,7 @@ import torch
 from torch.utils.data import IterableDataset
 from webdataset.handlers import reraise_exception
 
-from torch_pretrain_update._checks import check_bool, check_choice, check_int
+from torch_pretrain_update._checks import check_bool, check_choice, check_float, check_int, check_vector
 from torch_pretrain_update._dist import resolve_replicas, worker_split
 from torch_pretrain_update._rng import epoch_generator
 from torch_pretrain_update.decode import safe_decode
@@ -160,7 +160,8 @@ class WeightedWebDataset(IterableDataset):
         counts: known class counts for the weights (and the balancing prior); default: the manifest's histogram
             summed over the selected shards, so the weights equal ``class_weights`` of all their labels; without
             either, running counts of the stream (``momentum`` as in ``with_class_weights``).
-        momentum: decay of the running counts when ``counts`` are unknown.
+        momentum: decay in (0, 1] of the running counts when ``counts`` are unknown (and of ``balance``'s
+            running shares); checked even when unused.
         weight_key: where the weight goes (a 0-d float32 tensor; the default collate batches it).
         balance: rebalance the stream with ``stages.balance_classes`` toward ``balance_target``.
         balance_target: target class shares (uniform by default).
@@ -232,7 +233,9 @@ class WeightedWebDataset(IterableDataset):
         self.label_key = label_key
         self.num_classes = check_int(num_classes, "num_classes", min_value=1)
         self.scheme = scheme
-        self.momentum = momentum
+        # validated even when unused (known counts without balance=True): a bad value is a mistake either way
+        self.momentum = (None if momentum is None
+                         else check_float(momentum, "momentum", low=0.0, high=1.0, low_inclusive=False))
         self.weight_key = weight_key
         self.balance = check_bool(balance, "balance")
         self.balance_target = balance_target
@@ -311,7 +314,9 @@ class WeightedWebDataset(IterableDataset):
                 for c, n in enumerate(info.class_counts[: self.num_classes]):
                     total[c] += n
             counts = total
-        self.counts = None if counts is None else [float(c) for c in torch.as_tensor(counts).reshape(-1).tolist()]
+        if counts is not None:  # 1-D, finite, non-negative, not all zero (the stage checks num_classes entries)
+            counts = check_vector(counts, "counts", allow_all_zero=False).tolist()
+        self.counts = counts
         # Validate the stage options now (errors at construction, not in a worker).
         self._make_stages()
 
