@@ -182,14 +182,11 @@ CACHE_NONFINITE = ("teacher_cache.read_teacher_outputs passes non-finite stored 
                    "(KDLoss later names only the batch position, not the shard and key)")
 CACHE_UNCOUNTED = ("teacher_cache.read_teacher_outputs returns the SafeDecoder's bare generator: samples skipped by "
                    "the handler are counted in a SafeDecoder nobody can reach")
-INSPECT_NPY = ("shards.inspect_shards (CLI inspect) lists only pickle-extension members as unsafe; an object .npy "
-               "(a pickle inside) is not reported")
 
 XFAIL_DEFAULT = {
     ("pipeline", "truncated_at_header"): WDS_SILENT,
     ("pipeline", "corrupt_header_mid"): WDS_SILENT,
     ("teacher_cache", "nonfinite_logits"): CACHE_NONFINITE,
-    ("cli_inspect", "object_npy"): INSPECT_NPY,
 }
 XFAIL_SKIPPING = {
     ("pipeline", "truncated_in_member"): WDS_UNCOUNTED,
@@ -282,13 +279,9 @@ def test_malicious_members_never_execute(tmp_path: Path, path: str, kind: str, h
     assert not os.path.exists(marker), f"{path} ran the {kind} payload"
 
 
-REPORT_XFAIL = {("cli_inspect", "object_npy"): INSPECT_NPY}
-
-
-@pytest.mark.parametrize("path, kind", [
-    pytest.param(p, k, id=f"{p}-{k}", marks=[pytest.mark.xfail(strict=True, reason=REPORT_XFAIL[p, k])]
-                 if (p, k) in REPORT_XFAIL else [])
-    for p in ("stream", "pipeline", "teacher_cache", "cli_inspect") for k in MALICIOUS])
+@pytest.mark.parametrize("path, kind", [pytest.param(p, k, id=f"{p}-{k}")
+                                        for p in ("stream", "pipeline", "teacher_cache", "cli_inspect")
+                                        for k in MALICIOUS])
 def test_malicious_members_are_reported(tmp_path: Path, path: str, kind: str) -> None:
     man, urls, marker = _dataset(tmp_path, kind)
     member = "npy" if kind == "object_npy" else f"extra.{kind}"

@@ -4,6 +4,7 @@ webdataset.ShardWriter and damaged byte by byte."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -312,6 +313,25 @@ def test_inspect_reports_bad_samples_and_unsafe_members(tmp_path):
     rep2 = inspect_shards(url, read_manifest(write_shards([{"__key__": "z", "cls": 0}], str(tmp_path / "z-%d.tar"))))
     assert any("'b' has no label member 'cls'" in p for p in rep2.shards[0].problems)
     assert any("not listed in the manifest" in p for p in rep2.shards[0].problems)
+
+
+def test_inspect_reports_an_object_npy_from_its_header_only(tmp_path):
+    marker = tmp_path / "MARKER"
+    obj = np.empty(2, dtype=object)
+    obj[0], obj[1] = fx.MarkerPayload(str(marker)), 1
+    buf = io.BytesIO()
+    np.save(buf, obj, allow_pickle=True)
+    url = str(tmp_path / "npy-000000.tar")
+    with wds.TarWriter(url) as w:
+        w.write({"__key__": "a", "cls": 0, "npy": np.zeros(3, np.float32)})
+        w.write({"__key__": "b", "cls": 1, "npy": buf.getvalue()})  # bytes: stored as they are
+        w.write({"__key__": "c", "cls": 1, "npy": np.arange(4, dtype=np.int64).reshape(2, 2)})
+    s = inspect_shards(url).shards[0]
+    assert s.count == 3 and s.class_counts == {0: 1, 1: 2}
+    assert s.unsafe_members == ["b.npy"]
+    assert s.problems == ["sample 'b', member 'npy': the .npy array has an object dtype (a pickle inside; "
+                          "never decoded)"]
+    assert not marker.exists()
 
 
 def test_inspect_needs_urls_or_manifest():

@@ -47,6 +47,7 @@ from webdataset.gopen import gopen as wds_gopen
 from webdataset.tariterators import group_by_keys
 
 from torch_pretrain_update._checks import check_int
+from torch_pretrain_update.decode import _npy_header
 
 __all__ = [
     "DamagedShardError",
@@ -603,6 +604,14 @@ class InspectReport:
         return "\n".join(lines)
 
 
+def _is_object_npy(data: Any) -> bool:
+    """Whether an undecoded ``.npy`` member holds an object array (pickled items), from its header alone."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return False
+    header = _npy_header(bytes(data))
+    return header is not None and header[2].hasobject
+
+
 def inspect_shards(
     urls_or_pattern: str | Sequence[str] | None = None,
     manifest: str | os.PathLike | ShardManifest | None = None,
@@ -619,7 +628,9 @@ def inspect_shards(
     ``label_key`` or one of ``required_keys``, labels that are not integers or not below ``num_classes``, and,
     against the manifest: count, class histogram, size and SHA-256 mismatches. Members with pickle-based
     extensions (``.pyd``, ``.pickle``, ``.pkl``, ``.pth``) are listed as ``unsafe_members``; they are never
-    decoded. Dataset-level problems: shards in the manifest that were not found among ``urls``.
+    decoded. So are ``.npy`` members whose header (read alone, the array never loaded) gives an object dtype (a
+    pickle inside); these are also problems, since the default decoder refuses what looks like a plain array.
+    Dataset-level problems: shards in the manifest that were not found among ``urls``.
 
     Args:
         urls_or_pattern: shard urls or a brace pattern; defaults to the manifest's shards.
@@ -672,8 +683,14 @@ def inspect_shards(
                 rep.count += 1
                 key = sample.get("__key__")
                 for k in sample:
-                    if k.rsplit(".", 1)[-1] in _PICKLE_EXTENSIONS:
+                    ext = k.rsplit(".", 1)[-1].lower()
+                    if ext in _PICKLE_EXTENSIONS:
                         rep.unsafe_members.append(f"{key}.{k}")
+                    elif ext == "npy" and _is_object_npy(sample[k]):
+                        # a pickle disguised as an array: safe_decode refuses it, so reading with defaults fails
+                        rep.unsafe_members.append(f"{key}.{k}")
+                        rep.problems.append(f"sample {key!r}, member {k!r}: the .npy array has an object dtype "
+                                            "(a pickle inside; never decoded)")
                 missing = [k for k in required if k not in sample]
                 if missing:
                     rep.problems.append(f"sample {key!r} misses required member(s) {missing}")
