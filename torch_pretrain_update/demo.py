@@ -608,6 +608,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     results = _aggregate(per_seed, arrays, cfg)
     results["wall_s"] = time.perf_counter() - t_start
     results["cpu_s"] = _cpu_seconds() - cpu_start  # this process and its (finished) worker processes
+    results["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     table = format_table(results)
     files = write_outputs(results, table, out)
     return {"results": results, "table": table, "files": files, "wall_s": results["wall_s"]}
@@ -944,7 +945,7 @@ def format_report(results: dict[str, Any], table: str) -> str:
     cfg = results["config"]
     seeds = [s["seed"] for s in results["seeds"]]
     env = results["environment"]
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    when = results.get("date") or datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = [
         "# pretrain-update demo: updating a pretrained model on drifted data under a budget",
         "",
