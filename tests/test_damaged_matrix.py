@@ -5,8 +5,10 @@ Damage matrix (3 real shards x 10 samples written with webdataset's ShardWriter;
 member, truncated at a header, corrupt header mid-shard, empty shard, a sample missing its label, a label out of
 range, non-finite stored teacher logits, an object ``.npy`` (pickle inside). Reading paths:
 
-- ``pipeline``: webdataset's own reader + :func:`safe_decode` + the stages (``with_class_weights``,
-  ``with_entropy_weights`` on the stored teacher logits), the way the stages and decode docs show it;
+- ``pipeline``: the library's strict source (:func:`strict_tarfile_to_samples`, a drop-in for webdataset's
+  ``tarfile_to_samples``, which loses the rest of a shard silently: see the documentation test at the end) +
+  :func:`safe_decode` + the stages (``with_class_weights``, ``with_entropy_weights`` on the stored teacher logits),
+  the way the stages and decode docs show it;
 - ``stream``: :class:`WeightedWebDataset` (its tar/label damage is covered in test_stream.py; here the object .npy);
 - ``teacher_cache``: :func:`read_teacher_outputs`;
 - ``cli_inspect``: ``pretrain-update inspect`` (``inspect_shards`` itself is covered in test_shards.py).
@@ -39,7 +41,7 @@ import webdataset as wds
 from tests import shard_fixtures as fx
 from torch_pretrain_update import cli
 from torch_pretrain_update.decode import safe_decode
-from torch_pretrain_update.shards import read_manifest
+from torch_pretrain_update.shards import read_manifest, strict_tarfile_to_samples
 from torch_pretrain_update.stages import with_class_weights, with_entropy_weights
 from torch_pretrain_update.stream import WeightedWebDataset, stream_stats
 from torch_pretrain_update.teacher_cache import read_teacher_outputs
@@ -120,15 +122,17 @@ def _dataset(tmp: Path, kind: str) -> tuple[str, list[str], str]:
 
 # ----------------------------------------------------------------------------------------------- the paths
 def read_pipeline(man: str, urls: list[str], handler: Any) -> tuple[list[str], int]:
-    """webdataset's reader -> safe_decode -> class weights -> entropy weights of the stored teacher logits.
+    """The strict source (with the manifest) -> safe_decode -> class weights -> entropy weights of the stored
+    teacher logits.
 
     Each reader returns (the keys it yielded, the number of samples it counted as skipped or missing)."""
+    src = strict_tarfile_to_samples(handler, manifest=man)
     dec = safe_decode(image=None, handler=handler)
     cw = with_class_weights(num_classes=3, handler=handler)
     ew = with_entropy_weights(LOGITS, from_logits=True, combine="multiply", handler=handler)
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=handler), dec, cw, ew)
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), src, dec, cw, ew)
     keys = [s["__key__"] for s in pipe]
-    return keys, dec.stats["skipped"] + cw.stats["skipped"] + ew.stats["skipped"]
+    return keys, src.stats["lost_samples"] + dec.stats["skipped"] + cw.stats["skipped"] + ew.stats["skipped"]
 
 
 def read_stream(man: str, urls: list[str], handler: Any) -> tuple[list[str], int]:
@@ -172,27 +176,15 @@ APPLIES = {
     "cli_inspect": (*TAR_DAMAGE, "missing_label", "label_out_of_range", "object_npy"),
 }
 
-WDS_SILENT = ("webdataset's tar reader (tarfile) treats this damage as the end of the shard: the rest is lost "
-              "silently even under reraise_exception; the library has no strict (iter_shard_files-based) source for "
-              "wds pipelines")
-WDS_UNCOUNTED = ("webdataset's tarfile_to_samples applies the handler to tar damage but counts nothing (the samples "
-                 "after the damage vanish uncounted); the library has no strict, handler-aware, counting source for "
-                 "wds pipelines (shards.py)")
 CACHE_NONFINITE = ("teacher_cache.read_teacher_outputs passes non-finite stored teacher logits through unchecked "
                    "(KDLoss later names only the batch position, not the shard and key)")
 CACHE_UNCOUNTED = ("teacher_cache.read_teacher_outputs returns the SafeDecoder's bare generator: samples skipped by "
                    "the handler are counted in a SafeDecoder nobody can reach")
 
 XFAIL_DEFAULT = {
-    ("pipeline", "truncated_at_header"): WDS_SILENT,
-    ("pipeline", "corrupt_header_mid"): WDS_SILENT,
     ("teacher_cache", "nonfinite_logits"): CACHE_NONFINITE,
 }
 XFAIL_SKIPPING = {
-    ("pipeline", "truncated_in_member"): WDS_UNCOUNTED,
-    ("pipeline", "truncated_at_header"): WDS_SILENT,
-    ("pipeline", "corrupt_header_mid"): WDS_SILENT,
-    ("pipeline", "empty_shard"): WDS_UNCOUNTED,
     ("teacher_cache", "nonfinite_logits"): f"{CACHE_NONFINITE}; and {CACHE_UNCOUNTED}",
     ("teacher_cache", "object_npy"): CACHE_UNCOUNTED,
 }
@@ -259,7 +251,7 @@ def _read_for_marker(path: str, man: str, urls: list[str], handler: Any) -> Any:
         return inspect_cli(man, urls)[1]
     if path == "pipeline_undecoded":  # the stages on undecoded samples: they must not decode members either
         cw = with_class_weights(num_classes=3, handler=handler)
-        pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=handler), cw)
+        pipe = wds.DataPipeline(wds.SimpleShardList(urls), strict_tarfile_to_samples(handler, manifest=man), cw)
         return [s["__key__"] for s in pipe]
     try:
         return READERS[path](man, urls, handler)

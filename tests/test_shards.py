@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -25,6 +26,7 @@ from torch_pretrain_update.shards import (
     iter_shard_samples,
     parse_label,
     read_manifest,
+    strict_tarfile_to_samples,
     write_shards,
 )
 
@@ -214,6 +216,116 @@ def test_plain_webdataset_loses_the_rest_of_a_shard_silently_on_a_corrupt_header
     assert len(keys) == 4  # no exception: 6 of 10 samples vanished
     with pytest.raises(DamagedShardError):
         list(iter_shard_samples(url))
+
+
+@pytest.mark.parametrize("kind", ["truncated_at_header", "corrupt_header_mid"])
+def test_webdataset_tarfile_to_samples_stops_silently_where_the_strict_source_raises(one_shard, kind):
+    # Documents webdataset 1.0.2 (passes as long as it behaves so): its own pipeline source ends the shard at
+    # the damage with no error under reraise_exception, and has no count to read under a skipping handler.
+    man, url, samples = one_shard
+    DAMAGE[kind][0](url)
+    for handler in (wds.reraise_exception, wds.ignore_and_continue):
+        plain = wds.tarfile_to_samples(handler=handler)
+        keys = [s["__key__"] for s in wds.DataPipeline(wds.SimpleShardList([url]), plain)]
+        assert keys == [s["__key__"] for s in samples[:4]]  # 6 of 10 lost, nothing raised
+        assert not hasattr(plain, "stats")
+    with pytest.raises(DamagedShardError, match=re.escape(DAMAGE[kind][2])):
+        list(wds.DataPipeline(wds.SimpleShardList([url]), strict_tarfile_to_samples()))
+
+
+def _three_shards(tmp_path):
+    samples = fx.make_samples(30, vary=False)
+    man = fx.write(tmp_path, samples, maxcount=10)
+    return man, read_manifest(man).urls, [s["__key__"] for s in samples]
+
+
+def _read(urls, source):
+    return [(s["__key__"], s["__url__"]) for s in wds.DataPipeline(wds.SimpleShardList(urls), source)]
+
+
+def test_strict_source_equals_webdataset_on_healthy_shards(tmp_path):
+    man, urls, keys = _three_shards(tmp_path)
+    plain = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    for source in (strict_tarfile_to_samples(), strict_tarfile_to_samples(manifest=man)):
+        strict = list(wds.DataPipeline(wds.SimpleShardList(urls), source))
+        assert [s["__key__"] for s in strict] == keys
+        assert [{k: s[k] for k in sorted(s) if k != "__local_path__"} for s in plain] == strict  # same bytes
+        assert {k: v for k, v in source.stats.items() if k != "events"} == {
+            "shards": 3, "samples": 30, "damaged_shards": 0, "lost_samples": 0}
+    # .compose and a second pass: counts add up over passes
+    source = strict_tarfile_to_samples(manifest=read_manifest(man))
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls)).compose(source)
+    assert [s["__key__"] for s in pipe] == keys and len(list(pipe)) == 30
+    assert source.stats["samples"] == 60 and source.stats["shards"] == 6
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_strict_source_names_and_counts_damage(tmp_path, kind):
+    man, urls, keys = _three_shards(tmp_path)
+    damage, good, fragment = DAMAGE[kind]
+    damage(urls[1])
+    with pytest.raises(DamagedShardError) as info:
+        _read(urls, strict_tarfile_to_samples())
+    assert info.value.url == urls[1] and fragment in str(info.value)
+    # skipping: the rest of shard 1 is skipped, shard 2 still read; the manifest gives the exact loss
+    source = strict_tarfile_to_samples(wds.ignore_and_continue, manifest=man)
+    got = _read(urls, source)
+    assert [k for k, _ in got] == keys[:10 + good] + keys[20:]
+    assert {u for _, u in got} == ({urls[0], urls[1], urls[2]} if good else {urls[0], urls[2]})
+    assert source.stats["damaged_shards"] == 1 and source.stats["lost_samples"] == 10 - good
+    assert source.stats["samples"] == 20 + good and source.stats["shards"] == 3
+    assert len(source.stats["events"]) == 1 and urls[1] in source.stats["events"][0]
+    assert f"{good} of the manifest's 10 samples read" in source.stats["events"][0]
+    # without a manifest the damage is counted, its size is unknown
+    source = strict_tarfile_to_samples(wds.ignore_and_continue)
+    assert len(_read(urls, source)) == 20 + good
+    assert source.stats["damaged_shards"] == 1 and source.stats["lost_samples"] == 0
+    # a handler returning False ends the stream at the damaged shard (webdataset's convention)
+    source = strict_tarfile_to_samples(wds.ignore_and_stop, manifest=man)
+    assert [k for k, _ in _read(urls, source)] == keys[:10 + good]
+    assert source.stats["damaged_shards"] == 1 and source.stats["lost_samples"] == 10 - good
+
+
+def test_strict_source_checks_counts_against_the_manifest(tmp_path):
+    man, urls, keys = _three_shards(tmp_path)
+    short = fx.make_samples(30, vary=False)[10:17]  # a well-formed shard with 3 samples fewer than written
+    with wds.TarWriter(urls[1]) as w:
+        for s in short:
+            w.write(s)
+    assert len(_read(urls, strict_tarfile_to_samples())) == 27  # only the manifest can tell
+    with pytest.raises(DamagedShardError, match="7 samples read but the manifest says 10") as info:
+        _read(urls, strict_tarfile_to_samples(manifest=man))
+    assert info.value.url == urls[1]
+    source = strict_tarfile_to_samples(wds.ignore_and_continue, manifest=man)
+    assert len(_read(urls, source)) == 27 and source.stats["lost_samples"] == 3
+    longer = fx.make_samples(30, vary=False)[10:21]
+    with wds.TarWriter(urls[1]) as w:
+        for s in longer:
+            w.write({**s, "__key__": "x" + s["__key__"]})
+    with pytest.raises(DamagedShardError, match=r"holds 11 samples but its manifest count is 10 \(1 extra\)"):
+        _read(urls, strict_tarfile_to_samples(manifest=man))
+
+
+def test_strict_source_in_dataloader_workers(tmp_path):
+    man, urls, keys = _three_shards(tmp_path)
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, strict_tarfile_to_samples(manifest=man),
+                            wds.map(lambda s: s["__key__"]))
+    loader = torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=2)
+    assert sorted(loader) == keys
+
+
+def test_strict_source_rejects_bad_arguments(tmp_path):
+    man, urls, _ = _three_shards(tmp_path)
+    with pytest.raises(TypeError, match="handler must be callable"):
+        strict_tarfile_to_samples("skip")
+    with pytest.raises(TypeError, match="manifest must be a path"):
+        strict_tarfile_to_samples(manifest=3)
+    with pytest.raises(TypeError, match="str 'url'"):
+        list(strict_tarfile_to_samples()(iter([urls[0]])))
+    other = fx.write(tmp_path, fx.make_samples(3, vary=False), maxcount=10, name="other")
+    with pytest.raises(ValueError, match="not listed in the manifest") as info:
+        _read(read_manifest(other).urls, strict_tarfile_to_samples(manifest=man))
+    assert read_manifest(other).urls[0] in str(info.value)
 
 
 def test_strict_reader_accepts_healthy_and_empty_archives(tmp_path, one_shard):

@@ -31,7 +31,9 @@ Three ways to use it:
 - ``wds.WebDataset(urls).map(safe_decode())``: sample-level decoder; errors name ``__key__``/``__url__``.
 - ``wds.WebDataset(urls).compose(safe_decode(handler=wds.warn_and_continue))`` or inside ``wds.DataPipeline``:
   called on an *iterator*, the decoder is a stage that applies ``handler`` to bad samples and counts the ones it
-  skips in :attr:`SafeDecoder.stats` (never a silent loss).
+  skips in :attr:`SafeDecoder.stats` (never a silent loss). In a ``wds.DataPipeline``, read the shards with
+  :func:`~torch_pretrain_update.shards.strict_tarfile_to_samples` rather than ``wds.tarfile_to_samples``, which
+  silently loses the rest of a shard at a corrupt header or a truncation at a header boundary.
 - ``wds.WebDataset(urls).decode(safe_handler())``: the member-level ``(key, data)`` handler webdataset's
   ``Decoder`` expects. It returns a value (``bytes`` for unknown extensions) for every member, so webdataset's
   default (unsafe) post-handlers never see a member. webdataset wraps errors in its ``DecodingError`` (empty
@@ -312,8 +314,9 @@ class SafeDecoder:
 
         >>> ds = wds.WebDataset(urls, shardshuffle=False).map(safe_decode("torchrgb8"))
         >>> dec = safe_decode(handler=wds.ignore_and_continue)
-        >>> ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), dec)
-        >>> ...; dec.stats["skipped"]
+        >>> src = strict_tarfile_to_samples(wds.ignore_and_continue, manifest=manifest)  # shards.py
+        >>> ds = wds.DataPipeline(wds.SimpleShardList(urls), src, dec)
+        >>> ...; dec.stats["skipped"], src.stats["lost_samples"]
     """
 
     def __init__(

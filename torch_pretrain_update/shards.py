@@ -7,7 +7,8 @@ start of an archive as its end, so a shard with a corrupt header in the middle s
 samples, even under webdataset's default ``reraise_exception`` handler. Comparing the number of samples read
 with the manifest's count catches every such loss.
 
-:func:`iter_shard_files` is the strict per-shard reader used by the streams and by :func:`inspect_shards`: like
+:func:`iter_shard_files` is the strict per-shard reader used by the streams, by :func:`inspect_shards` and, as
+a drop-in for ``webdataset.tarfile_to_samples`` in ``wds.DataPipeline``, by :func:`strict_tarfile_to_samples`: like
 ``webdataset.tariterators.tar_file_iterator`` but it also checks how the archive ended. A well-formed tar ends
 with a zero block; when ``tarfile`` stops at anything else (no block at all: truncated at a header boundary; a
 partial block: truncated inside a header; a non-zero block: a corrupt header) the reader raises
@@ -35,7 +36,7 @@ import os
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from webdataset.gopen import gopen as wds_gopen
+from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys
 
 from torch_pretrain_update._checks import check_int
@@ -60,6 +62,8 @@ __all__ = [
     "expand_urls",
     "iter_shard_files",
     "iter_shard_samples",
+    "strict_tarfile_to_samples",
+    "StrictTarfileSamples",
     "parse_label",
     "inspect_shards",
 ]
@@ -496,11 +500,137 @@ def iter_shard_files(url: str, *, check_end: bool = True) -> Iterator[dict[str, 
         stream.close()
 
 
-def iter_shard_samples(url: str, *, check_end: bool = True) -> Iterator[dict[str, Any]]:
+def iter_shard_samples(url: str, *, check_end: bool = True, expected: int | None = None) -> Iterator[dict[str, Any]]:
     """Raw (undecoded) samples of one shard: :func:`iter_shard_files` grouped by key with webdataset's
     ``group_by_keys``. A sample cut off by damage is never yielded; the :class:`DamagedShardError` follows the
-    last complete one."""
-    return group_by_keys(iter_shard_files(url, check_end=check_end))
+    last complete one.
+
+    ``expected`` (the shard's manifest count) adds the count check: a shard that ends after fewer samples (a
+    rewritten shard, or damage ``check_end=False`` lets through), or holds more, raises a
+    :class:`DamagedShardError` saying how many were read; so does damage, with the count read before it."""
+    samples = group_by_keys(iter_shard_files(url, check_end=check_end))
+    if expected is None:
+        return samples
+    return _counted(url, samples, check_int(expected, "expected", min_value=0))
+
+
+def _counted(url: str, samples: Iterator[dict[str, Any]], expected: int) -> Iterator[dict[str, Any]]:
+    n = 0
+    try:
+        for sample in samples:
+            if n == expected:
+                extra = 1 + sum(1 for _ in samples)
+                raise DamagedShardError(url, f"holds {expected + extra} samples but its manifest count is "
+                                             f"{expected} ({extra} extra)")
+            n += 1
+            yield sample
+    except DamagedShardError as exc:
+        if n < expected and exc.url == url:
+            raise DamagedShardError(url, f"{exc.reason}; {n} of the manifest's {expected} samples read") from exc
+        raise
+    if n < expected:
+        raise DamagedShardError(
+            url,
+            f"{n} samples read but the manifest says {expected}: the shard ended early (a corrupt header or "
+            "truncation that tarfile treats as the end of the archive, or a rewritten shard)",
+        )
+
+
+#: messages kept in ``StrictTarfileSamples.stats["events"]``
+_MAX_EVENTS = 50
+
+
+class StrictTarfileSamples:
+    """The stage :func:`strict_tarfile_to_samples` returns: shard sources -> raw samples, with ``stats``.
+
+    Attributes:
+        handler: the webdataset-style exception handler for damaged shards.
+        manifest: the :class:`ShardManifest` the shards are checked against, or ``None``.
+        stats: counts over every pass of this stage: ``shards`` (shards opened), ``samples`` (yielded),
+            ``damaged_shards`` (shards the handler skipped, or the one it raised or stopped on),
+            ``lost_samples`` (samples of damaged shards never yielded: their manifest count minus what was read;
+            without a manifest a damaged shard's loss is unknown and not counted here) and ``events`` (the first
+            50 error messages, each naming its shard). With DataLoader workers each worker counts its own.
+    """
+
+    def __init__(self, handler: Callable[[BaseException], Any], manifest: ShardManifest | None) -> None:
+        self.handler = handler
+        self.manifest = manifest
+        self.stats: dict[str, Any] = {"shards": 0, "samples": 0, "damaged_shards": 0, "lost_samples": 0,
+                                      "events": []}
+
+    def __call__(self, src: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+        for source in src:
+            if not isinstance(source, Mapping) or not isinstance(source.get("url"), str):
+                raise TypeError(f"strict_tarfile_to_samples: each source must be a dict with a str 'url' (as "
+                                f"webdataset.SimpleShardList yields); got {source!r}")
+            url = source["url"]
+            expected = None
+            if self.manifest is not None:
+                info = self.manifest.lookup(url)
+                if info is None:
+                    raise ValueError(f"strict_tarfile_to_samples: shard {url!r} is not listed in the manifest "
+                                     f"{self.manifest.path!r}")
+                expected = info.count
+            self.stats["shards"] += 1
+            n = 0
+            try:
+                for sample in iter_shard_samples(url, expected=expected):
+                    n += 1
+                    self.stats["samples"] += 1
+                    yield sample
+            except Exception as exc:  # DamagedShardError, or group_by_keys's ValueError (a repeated member)
+                if not isinstance(exc, DamagedShardError):
+                    cause, exc = exc, DamagedShardError(url, f"{type(exc).__name__}: {exc}")
+                    exc.__cause__ = cause
+                self.stats["damaged_shards"] += 1
+                self.stats["lost_samples"] += max(0, expected - n) if expected is not None else 0
+                if len(self.stats["events"]) < _MAX_EVENTS:
+                    self.stats["events"].append(str(exc))
+                if not self.handler(exc):  # raises by default; False stops the stream (webdataset's convention)
+                    return
+
+    def __repr__(self) -> str:
+        man = None if self.manifest is None else self.manifest.path
+        return f"{type(self).__name__}(handler={getattr(self.handler, '__name__', self.handler)}, manifest={man!r})"
+
+
+def strict_tarfile_to_samples(
+    handler: Callable[[BaseException], Any] = reraise_exception,
+    *,
+    manifest: str | os.PathLike | ShardManifest | None = None,
+) -> StrictTarfileSamples:
+    """A drop-in for ``webdataset.tarfile_to_samples`` that never loses the rest of a shard silently.
+
+    webdataset 1.0.2's reader uses ``tarfile``, which takes a corrupt header, or a file truncated at a header,
+    for the end of the archive: the rest of the shard vanishes with no error even under ``reraise_exception``,
+    and a skipping handler counts nothing. This stage reads each shard with :func:`iter_shard_samples` (which
+    checks the end-of-archive block) and, given a manifest, checks each shard's sample count. Every damaged
+    shard raises a :class:`DamagedShardError` naming it through ``handler``, and is counted in ``stats``.
+
+    Args:
+        handler: webdataset's convention: ``reraise_exception`` (default) raises; a handler returning True
+            (``warn_and_continue``, ``ignore_and_continue``) skips the rest of the damaged shard and goes on with
+            the next; False (``ignore_and_stop``) ends the stream. Either way the shard is counted.
+        manifest: a manifest path (or :class:`ShardManifest`) from :func:`write_shards`: adds the per-shard count
+            check (the only detector of a well-formed shard that lost whole samples) and the ``lost_samples``
+            count. Every shard read must be listed in it (else ``ValueError``).
+
+    Returns:
+        a :class:`StrictTarfileSamples` stage: an iterator of ``{"url": ...}`` dicts (what
+        ``webdataset.SimpleShardList`` or ``ResampledShards`` yield, split by node or worker as usual) -> raw
+        samples with ``__key__`` and ``__url__``, with ``stats`` (see :class:`StrictTarfileSamples`).
+
+    Example::
+
+        >>> source = strict_tarfile_to_samples(wds.warn_and_continue, manifest="/data/train-manifest.json")
+        >>> pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, source, safe_decode())
+        >>> for sample in pipe: ...
+        >>> source.stats["damaged_shards"], source.stats["lost_samples"]
+    """
+    if not callable(handler):
+        raise TypeError(f"handler must be callable (e.g. webdataset.warn_and_continue); got {handler!r}")
+    return StrictTarfileSamples(handler, _as_manifest(manifest))
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:

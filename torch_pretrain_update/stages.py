@@ -5,9 +5,13 @@ with its options it returns a stage, a callable from an iterator of samples to a
 these work::
 
     ds = wds.WebDataset(urls, shardshuffle=False).map(safe_decode()).compose(with_class_weights(num_classes=10))
-    ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), safe_decode(),
+    ds = wds.DataPipeline(wds.SimpleShardList(urls), strict_tarfile_to_samples(), safe_decode(),
                           balance_classes(num_classes=10, seed=0), wds.batched(64))
     for sample in with_class_weights(num_classes=10)(iter(samples)): ...
+
+:func:`~torch_pretrain_update.shards.strict_tarfile_to_samples` is the library's drop-in for
+``wds.tarfile_to_samples`` (which ``wds.WebDataset`` uses): webdataset's reader silently loses the rest of a shard
+at a corrupt header or a truncation at a header boundary; the strict one raises naming the shard, or counts it.
 
 Unlike ``pipelinefilter``'s ``FilterFunction``, the returned stage is a small object that also carries the
 stage's running state (class frequencies, entropy window, sample position) with torchdata-style

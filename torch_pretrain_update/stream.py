@@ -511,29 +511,9 @@ class WeightedWebDataset(IterableDataset):
         """Raw samples of the segment's shard, checked against the manifest count; damage -> handler."""
         url = self.urls[seg.shard]
         info = self.infos[seg.shard]
-        expected = None if info is None else info.count
-        n = 0
-        error: Optional[DamagedShardError] = None
-        it = iter_shard_samples(url)
         try:
-            for sample in it:
-                if expected is not None and n == expected:
-                    extra = 1 + sum(1 for _ in it)
-                    raise DamagedShardError(url, f"holds {expected + extra} samples but its manifest count is "
-                                                 f"{expected} ({extra} extra)")
-                n += 1
-                yield sample
-        except DamagedShardError as exc:
-            error = exc
-            if expected is not None and n < expected:
-                error = DamagedShardError(url, f"{exc.reason}; {n} of the manifest's {expected} samples read")
-        if error is None and expected is not None and n < expected:
-            error = DamagedShardError(
-                url,
-                f"{n} samples read but the manifest says {expected}: the shard ended early (a corrupt header or "
-                "truncation that tarfile treats as the end of the archive, or a rewritten shard)",
-            )
-        if error is not None:
+            yield from iter_shard_samples(url, expected=None if info is None else info.count)
+        except DamagedShardError as error:
             self._handle(error)  # raises by default
             stats["shard_errors"] += 1
             self._event(stats, str(error))
