@@ -20,7 +20,7 @@ Teacher outputs are always treated as constants (detached). Conventions shared b
   ``check_finite=False`` removes it (a non-finite input then gives a NaN loss instead of an error).
 
 :class:`KDLoss` and :class:`DKDLoss` compute their value *and* their gradient in one pass over the logits, a
-block of rows at a time (a fused ``autograd.Function``): the temporaries of one block stay in cache, and only one
+block of rows at a time (a fused ``autograd.Function``): temporaries are bounded by the block size, and only one
 tensor of the logits' size (the gradient) is kept for backward, instead of the several (N, C) intermediates that
 autograd would keep for ``log_softmax`` + ``kl_div`` + ``cross_entropy``. This matters for token-level
 distillation with large vocabularies (N = B*L positions, C = 32000 classes). The price: these two losses are
@@ -40,11 +40,14 @@ from torch_pretrain_update._checks import _short, check_bool, check_float, check
 
 __all__ = ["KDLoss", "DKDLoss", "PseudoLabelLoss", "FeatureHintLoss", "SparseTeacher"]
 
-#: Elements per block of the fused KD/DKD kernels. On a CPU a block of about 2**18 float32 elements (1 MiB per
-#: temporary) keeps the handful of temporaries in cache while the per-block Python overhead (~20 small ops)
-#: stays small next to the arithmetic; on an accelerator large kernels win, so the whole batch is one block up
-#: to 2**26 elements. Measured in benchmarks/bench_distill.py (2**14..2**20 tried at C = 1000 and 32000).
-_CPU_BLOCK_ELEMENTS = 1 << 18
+#: Elements per block of the fused KD/DKD kernels (4 Mi elements: 16 MiB per float32 temporary, a few of them
+#: per block). Every op of a block is an OpenMP parallel region; when the CPU is shared with other processes a
+#: region can wait for a descheduled thread, so many small blocks are fragile. Measured on 2 threads of a shared
+#: machine (blocks of 2**13..2**24 elements at C = 1000, 4096, 32000): KD fwd+bwd at 4096 x 32000 under load
+#: took 4.4x the unfused reference's time with 2**15-element blocks, 1.8x with 2**18 and 0.25x with 2**22; at
+#: lower load 2**18..2**22 were all 0.3-0.8x of the reference. On an accelerator the whole batch is one block
+#: up to 2**26 elements.
+_CPU_BLOCK_ELEMENTS = 1 << 22
 _CPU_MIN_BLOCK_ROWS = 1
 _GPU_BLOCK_ELEMENTS = 1 << 26
 #: Top-k log-probabilities whose total exceeds exp(_SPARSE_LSE_TOL) are not log-probabilities (float16 storage
@@ -240,29 +243,29 @@ def _check_positions(x: object, name: str, student: torch.Tensor, *, kind: str) 
 
 
 def _validate_values(target: torch.Tensor | None, weight: torch.Tensor | None, num_classes: int) -> None:
-    """Label range and weight validity with a single host synchronisation (all flags fetched at once)."""
-    flags = []
-    if target is not None:
-        flags += [(target < 0).any(), (target >= num_classes).any()]
-    if weight is not None:
-        flags += [(~torch.isfinite(weight)).any(), (weight < 0).any()]
-    if not flags:
+    """Label range and weight validity with a single host synchronisation (both ranges fetched at once)."""
+    parts = []
+    if target is not None and target.numel():
+        parts.append(torch.stack(torch.aminmax(target)).double())
+    if weight is not None and weight.numel():
+        parts.append(torch.stack(torch.aminmax(weight)).double())
+    if not parts:
         return
-    values = torch.stack(flags).tolist()
-    if target is not None:
-        lo_bad, hi_bad = values[:2]
+    values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+    if target is not None and target.numel():
+        lo, hi = values[:2]
         values = values[2:]
-        if lo_bad or hi_bad:
+        if lo < 0 or hi >= num_classes:
             flat = target.reshape(-1)
             i = first_bad_row((flat < 0) | (flat >= num_classes))
             raise ValueError(f"target must be class indices in [0, {num_classes}); got {int(flat[i])} at position {i}")
-    if weight is not None:
-        nonfinite, negative = values
+    if weight is not None and weight.numel():
+        lo, hi = values
         flat = weight.reshape(-1)
-        if nonfinite:
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates through aminmax
             i = first_bad_row(~torch.isfinite(flat))
             raise ValueError(f"weight must be finite; got {float(flat[i])} at position {i}")
-        if negative:
+        if lo < 0:
             i = first_bad_row(flat < 0)
             raise ValueError(f"weight must be >= 0; got {float(flat[i])} at position {i}")
 
@@ -330,18 +333,23 @@ class _FusedRowLoss(torch.autograd.Function):
     def forward(ctx, student: torch.Tensor, kernel: _Kernel, scale: torch.Tensor | float, need_grad: bool):
         n = student.shape[0]
         rows = _block_rows(student)
-        grad = torch.empty_like(student) if need_grad else None
-        row_loss = torch.empty(n, dtype=_compute_dtype(student), device=student.device)
         per_row = isinstance(scale, torch.Tensor)
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            loss_blk, g, factor = kernel(s, e, need_grad)
-            row_loss[s:e] = loss_blk
-            if grad is not None:  # scale and store in one pass
-                torch.mul(g, scale[s:e, None] * factor if per_row else scale * factor, out=grad[s:e])
+        if n <= rows:  # one block: no buffers, no copies
+            row_loss, g, factor = kernel(0, n, need_grad)
+            grad = None
+            if g is not None:
+                grad = g.mul_(scale[:, None] * factor if per_row else scale * factor).to(student.dtype)
+        else:
+            grad = torch.empty_like(student) if need_grad else None
+            row_loss = torch.empty(n, dtype=_compute_dtype(student), device=student.device)
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                loss_blk, g, factor = kernel(s, e, need_grad)
+                row_loss[s:e] = loss_blk
+                if grad is not None:  # scale and store in one pass
+                    torch.mul(g, scale[s:e, None] * factor if per_row else scale * factor, out=grad[s:e])
         loss = (row_loss * scale).sum() if per_row else row_loss.sum() * scale
         ctx.save_for_backward(grad)
-        ctx.student_dtype = student.dtype
         return loss.to(student.dtype)
 
     @staticmethod
@@ -527,7 +535,7 @@ class KDLoss(nn.Module):
                 diff = lq.sub_(ls)
                 if sparse:  # a tail of probability 0: 0 * (-inf) terms are 0
                     diff.masked_fill_(q == 0, 0.0)
-                kl = torch.bmm(q.unsqueeze(1), diff.unsqueeze(2)).reshape(-1)
+                kl = diff.mul_(q).sum(dim=1)  # (a batched dot via bmm is ~10x slower on CPU)
                 row = kl.mul_(alpha * temp * temp)
                 if need_grad:  # d(alpha T^2 KL)/dz_s = alpha T (softmax(z_s/T) - q)
                     g = ls.exp_().sub_(q)
@@ -546,7 +554,7 @@ class KDLoss(nn.Module):
 
         need_grad = torch.is_grad_enabled() and student.requires_grad
         loss = _FusedRowLoss.apply(zs, kernel, _scale(w, n_den, cdt), need_grad)
-        if self.check_finite and not bool(torch.isfinite(loss)):
+        if self.check_finite and not math.isfinite(loss.item()):
             _raise_nonfinite(
                 "KD loss", {"student_logits": student, "teacher_logits": teacher if use_kl else None}, mask
             )
@@ -641,7 +649,7 @@ class DKDLoss(nn.Module):
             q_hat = lq_hat.exp()
             diff = lq_hat.sub_(ls_hat)
             diff.scatter_(1, yc, 0.0)  # the target column is -inf - (-inf); its weight q_hat is 0
-            nckd = torch.bmm(q_hat.unsqueeze(1), diff.unsqueeze(2)).reshape(-1, 1)
+            nckd = diff.mul_(q_hat).sum(dim=1, keepdim=True)
             row = (alpha * tckd + beta * nckd).mul_(temp * temp).reshape(-1)
             g = None
             if need_grad:
@@ -655,7 +663,7 @@ class DKDLoss(nn.Module):
 
         need_grad = torch.is_grad_enabled() and student.requires_grad
         loss = _FusedRowLoss.apply(zs, kernel, _scale(w, n_den, cdt), need_grad)
-        if self.check_finite and not bool(torch.isfinite(loss)):
+        if self.check_finite and not math.isfinite(loss.item()):
             _raise_nonfinite("DKD loss", {"student_logits": student, "teacher_logits": teacher})
         return loss
 
@@ -817,6 +825,6 @@ class FeatureHintLoss(nn.Module):
                 raise ValueError(f"weight must be on the student's device {fs.device}; got {weight.device}")
             _validate_values(None, weight, 1)
             loss = (sq.reshape(b, -1).mean(dim=1) * weight.detach().to(sq.dtype)).sum() / b
-        if self.check_finite and not bool(torch.isfinite(loss)):
+        if self.check_finite and not math.isfinite(loss.item()):
             _raise_nonfinite("feature hint loss", {"student_features": fs, "teacher_features": ft})
         return loss
