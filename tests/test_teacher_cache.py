@@ -278,3 +278,32 @@ def test_topk_reader_keys_are_consistent(tmp_path):
         assert s[TEACHER_TOPK_LOGPROBS_KEY].shape == s[TEACHER_TOPK_INDICES_KEY].shape == (2,)
         assert s[TEACHER_TOPK_LOGPROBS_KEY][0] >= s[TEACHER_TOPK_LOGPROBS_KEY][1]
         assert np.all(s[TEACHER_TOPK_LOGPROBS_KEY] <= 0)
+
+
+def test_cached_shards_stream_through_weighted_webdataset_into_kd(tmp_path):
+    """Teacher shards with labels -> WeightedWebDataset (manifest, class weights) -> DataLoader -> KDLoss."""
+    from torch_pretrain_update import WeightedWebDataset
+
+    model = Teacher(seed=7)
+    samples = make_samples(24, seed=7)
+    manifest = write_teacher_outputs(model, samples, str(tmp_path / "w-%06d.tar"), maxcount=8, label_key="cls",
+                                     progress=False)
+    ds = WeightedWebDataset(None, manifest=manifest, num_classes=3, shuffle=False, seed=0)
+    loader = DataLoader(ds, batch_size=6, num_workers=0)
+    kd = KDLoss(temperature=2.0, alpha=0.5)
+    by_key = {s["__key__"]: s for s in samples}
+    seen = []
+    for batch in loader:
+        teacher = teacher_targets(batch)
+        x = batch["input.npy"]
+        assert teacher.shape == (len(x), C) and teacher.dtype == torch.float16
+        np.testing.assert_allclose(teacher.double().numpy(), reference_logits(model, x).numpy(), rtol=2**-11,
+                                   atol=1e-5)
+        student = torch.zeros(len(x), C, requires_grad=True)
+        loss = kd(student, teacher, batch["cls"], weight=batch["weight"])
+        loss.backward()
+        assert torch.isfinite(student.grad).all()
+        for k, xi in zip(batch["__key__"], x):
+            assert np.array_equal(xi.numpy(), by_key[k]["input.npy"])
+        seen += list(batch["__key__"])
+    assert sorted(seen) == sorted(by_key)

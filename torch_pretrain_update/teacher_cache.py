@@ -24,8 +24,9 @@ Reading never unpickles: :func:`read_teacher_outputs` reads shards strictly (a d
 counts are checked against the manifest) and decodes members with
 :func:`~torch_pretrain_update.decode.safe_decode` (``.npy`` with ``allow_pickle=False``; pickle members refused).
 :func:`teacher_targets` turns a decoded sample, a list of them or a DataLoader batch into what :class:`KDLoss`
-takes: a dense tensor or a :class:`SparseTeacher`. The shards work with any WebDataset reader as well, e.g.
-:class:`~torch_pretrain_update.stream.WeightedWebDataset` with the manifest.
+takes: a dense tensor or a :class:`SparseTeacher`. The shards work with any WebDataset reader as well; written
+with a label member (``label_key="cls"``), :class:`~torch_pretrain_update.stream.WeightedWebDataset` streams them
+from the manifest with class weights, shuffling, rank splitting and resumption.
 """
 
 from __future__ import annotations
