@@ -176,18 +176,9 @@ APPLIES = {
     "cli_inspect": (*TAR_DAMAGE, "missing_label", "label_out_of_range", "object_npy"),
 }
 
-CACHE_NONFINITE = ("teacher_cache.read_teacher_outputs passes non-finite stored teacher logits through unchecked "
-                   "(KDLoss later names only the batch position, not the shard and key)")
-CACHE_UNCOUNTED = ("teacher_cache.read_teacher_outputs returns the SafeDecoder's bare generator: samples skipped by "
-                   "the handler are counted in a SafeDecoder nobody can reach")
-
-XFAIL_DEFAULT = {
-    ("teacher_cache", "nonfinite_logits"): CACHE_NONFINITE,
-}
-XFAIL_SKIPPING = {
-    ("teacher_cache", "nonfinite_logits"): f"{CACHE_NONFINITE}; and {CACHE_UNCOUNTED}",
-    ("teacher_cache", "object_npy"): CACHE_UNCOUNTED,
-}
+# (teacher_cache's non-finite-logits and uncounted-skip gaps were fixed in teacher_cache.TeacherOutputReader)
+XFAIL_DEFAULT: dict[tuple[str, str], str] = {}
+XFAIL_SKIPPING: dict[tuple[str, str], str] = {}
 
 
 def _cases(table: dict[tuple[str, str], str], paths: tuple[str, ...]) -> list[Any]:

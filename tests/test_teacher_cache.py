@@ -203,6 +203,8 @@ def test_reader_never_unpickles(tmp_path):
         w.write({"__key__": "a", TEACHER_LOGITS_KEY: logits.getvalue(), "payload.pyd": pickle.dumps(_Marker(marker))})
     with pytest.raises(UnsafeMemberError, match="payload.pyd"):
         list(read_teacher_outputs(url))
+    reader = read_teacher_outputs(url, handler=wds.ignore_and_continue)
+    assert list(reader) == [] and reader.stats["unsafe"] == reader.stats["skipped"] == 1
     # an object .npy in place of the logits is refused too
     url2 = str(tmp_path / "evil2-000000.tar")
     obj = io.BytesIO()
@@ -307,3 +309,46 @@ def test_cached_shards_stream_through_weighted_webdataset_into_kd(tmp_path):
             assert np.array_equal(xi.numpy(), by_key[k]["input.npy"])
         seen += list(batch["__key__"])
     assert sorted(seen) == sorted(by_key)
+
+
+def _rewrite_with_bad_logits(url: str, bad_key: str, value: np.ndarray) -> None:
+    samples = list(iter_shard_samples(url))
+    with wds.TarWriter(url) as w:
+        for s in samples:
+            s = {k: v for k, v in s.items() if k != "__url__"}
+            if s["__key__"] == bad_key:
+                buf = io.BytesIO()
+                np.save(buf, value)
+                s[TEACHER_LOGITS_KEY] = buf.getvalue()
+            w.write(s)
+
+
+def test_reader_rejects_non_finite_stored_logits_and_counts_skips(tmp_path):
+    manifest = write_teacher_outputs(Teacher(), make_samples(12), str(tmp_path / "n-%06d.tar"), maxcount=6,
+                                     progress=False)
+    urls = read_manifest(manifest).urls
+    _rewrite_with_bad_logits(urls[1], "s0008", np.array([0.5, np.nan] + [0.0] * (C - 2), np.float16))
+    with pytest.raises(ValueError, match=r"'s0008'.*n-000001.tar.*non-finite value \(nan\)"):
+        list(read_teacher_outputs(manifest))
+    reader = read_teacher_outputs(manifest, handler=wds.ignore_and_continue)
+    keys = [s["__key__"] for s in reader]
+    assert keys == [f"s{i:04d}" for i in range(12) if i != 8]
+    st = reader.stats
+    assert (st["samples"], st["skipped"], st["bad_samples"], st["nonfinite"], st["unsafe"]) == (11, 1, 1, 1, 0)
+    assert "s0008" in st["events"][0]
+
+
+def test_reader_skips_and_counts_damaged_shards_with_a_skipping_handler(tmp_path):
+    manifest = write_teacher_outputs(Teacher(), make_samples(12), str(tmp_path / "d-%06d.tar"), maxcount=4,
+                                     progress=False)
+    urls = read_manifest(manifest).urls
+    with open(urls[1], "r+b") as f:  # cut the shard inside its second sample's data
+        f.truncate(3000)
+    with pytest.raises(DamagedShardError, match="d-000001.tar"):
+        list(read_teacher_outputs(manifest))
+    reader = read_teacher_outputs(manifest, handler=wds.ignore_and_continue)
+    keys = [s["__key__"] for s in reader]
+    assert keys[:4] == ["s0000", "s0001", "s0002", "s0003"] and keys[-4:] == ["s0008", "s0009", "s0010", "s0011"]
+    st = reader.stats
+    assert st["damaged_shards"] == 1
+    assert st["lost_samples"] == 12 - len(keys) and st["skipped"] == st["lost_samples"] >= 1

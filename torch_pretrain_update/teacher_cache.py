@@ -20,9 +20,11 @@ sparse KD approximation needs (see :class:`~torch_pretrain_update.distill.Sparse
 significant digits: logits are stored to within a relative 2**-11 (and must stay below 65504 in magnitude; an
 overflow is an error, not a silent inf).
 
-Reading never unpickles: :func:`read_teacher_outputs` reads shards strictly (a damaged shard is an error, and
-counts are checked against the manifest) and decodes members with
-:func:`~torch_pretrain_update.decode.safe_decode` (``.npy`` with ``allow_pickle=False``; pickle members refused).
+Reading never unpickles: :func:`read_teacher_outputs` reads shards strictly
+(:func:`~torch_pretrain_update.shards.strict_tarfile_to_samples`: damage and, with the manifest, count mismatches
+are errors naming the shard) and decodes members with :func:`~torch_pretrain_update.decode.safe_decode` (``.npy``
+with ``allow_pickle=False``; pickle members refused); non-finite stored teacher outputs are errors naming the shard
+and the key. With a skipping handler each of these is skipped and counted in the reader's ``stats``.
 :func:`teacher_targets` turns a decoded sample, a list of them or a DataLoader batch into what :class:`KDLoss`
 takes: a dense tensor or a :class:`SparseTeacher`. The shards work with any WebDataset reader as well; written
 with a label member (``label_key="cls"``), :class:`~torch_pretrain_update.stream.WeightedWebDataset` streams them
@@ -42,18 +44,17 @@ from torch import nn
 from webdataset.handlers import reraise_exception
 
 from torch_pretrain_update._checks import _short, check_bool, check_int
-from torch_pretrain_update.decode import UNSAFE_EXTENSIONS, SafeDecoder, safe_decode
+from torch_pretrain_update.decode import UNSAFE_EXTENSIONS, SafeDecoder, UnsafeMemberError
 from torch_pretrain_update.distill import SparseTeacher
 from torch_pretrain_update.shards import (
-    DamagedShardError,
     ShardManifest,
     expand_urls,
-    iter_shard_samples,
     read_manifest,
+    strict_tarfile_to_samples,
     write_shards,
 )
 
-__all__ = ["write_teacher_outputs", "read_teacher_outputs", "teacher_targets"]
+__all__ = ["write_teacher_outputs", "read_teacher_outputs", "teacher_targets", "TeacherOutputReader"]
 
 TEACHER_LOGITS_KEY = "teacher_logits.npy"
 TEACHER_TOPK_LOGPROBS_KEY = "teacher_topk_logprobs.npy"
@@ -442,12 +443,98 @@ def write_teacher_outputs(
 # --------------------------------------------------------------------------------------------------------------
 
 
+class TeacherOutputReader:
+    """The iterator :func:`read_teacher_outputs` returns: decoded samples, plus ``stats`` (single pass).
+
+    Attributes:
+        stats: ``samples`` (yielded), ``skipped`` (every sample not yielded: bad samples the handler skipped plus
+            samples lost in damaged shards, as far as the manifest tells), ``bad_samples`` (of which: refused or
+            undecodable members, non-finite or inconsistent teacher outputs), ``unsafe`` (refusals to unpickle),
+            ``nonfinite`` (non-finite teacher outputs), ``damaged_shards``, ``lost_samples`` and ``events`` (the
+            first 50 messages, naming shard and key).
+    """
+
+    def __init__(self, urls: list[str], manifest: ShardManifest | None, image: Optional[str],
+                 handler: Callable[[BaseException], Any]) -> None:
+        self._source = strict_tarfile_to_samples(handler, manifest=manifest)
+        self._decoder = SafeDecoder(image)
+        self._handler = handler
+        self._counts = {"samples": 0, "bad_samples": 0, "unsafe": 0, "nonfinite": 0}
+        self._events: list[str] = []
+        self._gen = self._run(urls)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        src = self._source.stats
+        out = dict(self._counts)
+        out["damaged_shards"] = src["damaged_shards"]
+        out["lost_samples"] = src["lost_samples"]
+        out["skipped"] = self._counts["bad_samples"] + src["lost_samples"]
+        out["events"] = (list(src["events"]) + self._events)[:50]
+        return out
+
+    def __iter__(self) -> TeacherOutputReader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._gen)
+
+    def _run(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        for raw in self._source({"url": u} for u in urls):
+            try:
+                sample = self._decoder.decode_sample(raw)
+                _check_teacher_members(sample)
+            except Exception as exc:
+                self._counts["bad_samples"] += 1
+                if isinstance(exc, UnsafeMemberError):
+                    self._counts["unsafe"] += 1
+                if isinstance(exc, _NonFiniteTeacher):
+                    self._counts["nonfinite"] += 1
+                if len(self._events) < 50:
+                    self._events.append(str(exc))
+                if self._handler(exc):
+                    continue
+                return  # ignore_and_stop: the stream ends here (this sample is counted)
+            self._counts["samples"] += 1
+            yield sample
+
+
+class _NonFiniteTeacher(ValueError):
+    pass
+
+
+def _check_teacher_members(sample: dict[str, Any]) -> None:
+    """The teacher members of a decoded sample: float arrays, finite, top-k values and indices aligned."""
+    key, url = sample.get("__key__"), sample.get("__url__")
+    where = f"sample __key__={key!r} (__url__={url!r})"
+    lp, idx = sample.get(TEACHER_TOPK_LOGPROBS_KEY), sample.get(TEACHER_TOPK_INDICES_KEY)
+    if (lp is None) != (idx is None):
+        have = TEACHER_TOPK_LOGPROBS_KEY if lp is not None else TEACHER_TOPK_INDICES_KEY
+        raise ValueError(f"{where}: has {have!r} without its top-k partner member")
+    for name in (TEACHER_LOGITS_KEY, TEACHER_TOPK_LOGPROBS_KEY):
+        arr = sample.get(name)
+        if arr is None:
+            continue
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+            raise ValueError(f"{where}: teacher member {name!r} must be a float array; got {_short(arr)}")
+        finite = np.isfinite(arr)
+        if not finite.all():
+            bad = arr[~finite].reshape(-1)[0]
+            raise _NonFiniteTeacher(f"{where}: teacher member {name!r} holds a non-finite value ({bad})")
+    if idx is not None:
+        if not isinstance(idx, np.ndarray) or idx.dtype.kind not in "iu" or idx.shape != lp.shape:
+            raise ValueError(
+                f"{where}: {TEACHER_TOPK_INDICES_KEY!r} must be an integer array shaped like the top-k values "
+                f"{lp.shape}; got {_short(idx)}"
+            )
+
+
 def read_teacher_outputs(
     source: str | os.PathLike | Sequence[str] | ShardManifest,
     *,
     image: Optional[str] = None,
     handler: Callable[[BaseException], Any] = reraise_exception,
-) -> Iterator[dict[str, Any]]:
+) -> TeacherOutputReader:
     """Read cached teacher shards in order, strictly and without unpickling; yield decoded samples.
 
     Args:
@@ -456,40 +543,35 @@ def read_teacher_outputs(
             checked, or shard urls / a brace pattern (no count check).
         image: webdataset image spec for image members (``"torchrgb8"``, ``"pil"``, ...) or None to keep their
             bytes.
-        handler: what to do with a sample that cannot be decoded (``reraise_exception`` by default;
-            webdataset's ``warn_and_continue`` skips it). Damaged shards and count mismatches always raise.
+        handler: webdataset's convention for damaged shards (:func:`~torch_pretrain_update.shards.
+            strict_tarfile_to_samples`) and bad samples (a member that is refused or cannot be decoded, a
+            non-finite teacher output): ``reraise_exception`` (default) raises, naming the shard and the key; a
+            handler returning True (``warn_and_continue``) skips and counts; False stops.
 
-    Yields:
-        dicts with ``__key__``, ``__url__`` and every member decoded by
-        :func:`~torch_pretrain_update.decode.safe_decode`: the teacher members are numpy arrays (``.npy`` read
-        with ``allow_pickle=False``); a pickle member raises ``UnsafeMemberError`` and is never unpickled. Pass
-        the samples (or a collated batch of them) to :func:`teacher_targets`.
+    Returns:
+        a :class:`TeacherOutputReader`: an iterator of dicts with ``__key__``, ``__url__`` and every member
+        decoded by :func:`~torch_pretrain_update.decode.safe_decode` (the teacher members are numpy arrays read
+        with ``allow_pickle=False``; a pickle member raises ``UnsafeMemberError`` and is never unpickled), with
+        ``stats`` counting what was skipped. Pass the samples (or a collated batch of them) to
+        :func:`teacher_targets`.
 
     Example::
 
-        >>> for sample in read_teacher_outputs("/data/kd/teacher-manifest.json"):
+        >>> reader = read_teacher_outputs("/data/kd/teacher-manifest.json")
+        >>> for sample in reader:
         ...     teacher = teacher_targets(sample)   # (C,) tensor or SparseTeacher
+        >>> reader.stats["skipped"]
+        0
     """
+    if not callable(handler):
+        raise TypeError(f"handler must be callable (e.g. webdataset.warn_and_continue); got {handler!r}")
     manifest = None
     if isinstance(source, ShardManifest):
         manifest = source
     elif isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".json"):
         manifest = read_manifest(source)
     urls = manifest.urls if manifest is not None else expand_urls(source)
-    decoder = safe_decode(image, handler=handler)
-
-    def raw() -> Iterator[dict[str, Any]]:
-        for url in urls:
-            n = 0
-            for sample in iter_shard_samples(url):
-                n += 1
-                yield sample
-            if manifest is not None:
-                info = manifest.lookup(url)
-                if info is not None and info.count != n:
-                    raise DamagedShardError(url, f"{n} samples read but the manifest says {info.count}")
-
-    return decoder(raw())
+    return TeacherOutputReader(urls, manifest, image, handler)
 
 
 def _stack(values: Any, name: str) -> torch.Tensor:
