@@ -590,3 +590,30 @@ def test_non_finite_logits_are_reported_with_their_position(where, value):
     assert torch.isfinite(KDLoss(2.0, 0.5)(s, t, y, mask=mask))
     # opting out of the check gives a non-finite loss instead of an error
     assert not torch.isfinite(KDLoss(2.0, 0.5, check_finite=False)(s, t, y))
+
+
+def test_fused_backward_with_retain_graph_scaled_losses_and_a_model_upstream():
+    zs, zt, y = make(B=5, C=7, seed=25)
+    s = t64(zs).requires_grad_()
+    kd = KDLoss(2.0, 0.5)
+    loss = kd(s, t64(zt), torch.tensor(y))
+    loss.backward(retain_graph=True)
+    g1 = s.grad.clone()
+    s.grad.mul_(100.0)  # in-place on .grad must not touch what the graph saved
+    loss.backward()
+    torch.testing.assert_close(s.grad, 101 * g1)
+    s.grad = None
+    (3.0 * kd(s, t64(zt), torch.tensor(y))).backward()
+    torch.testing.assert_close(s.grad, 3 * g1)
+    # a layer upstream of the loss: the weight gradient equals the one through the reference formula
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(7, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    kd(x @ w, t64(zt), torch.tensor(y)).backward()
+    ours = w.grad.clone()
+    w.grad = None
+    T = 2.0
+    ref = 0.5 * F.kl_div(F.log_softmax(x @ w / T, -1), F.log_softmax(t64(zt) / T, -1), log_target=True,
+                         reduction="batchmean") * T * T + 0.5 * F.cross_entropy(x @ w, torch.tensor(y))
+    ref.backward()
+    torch.testing.assert_close(ours, w.grad, rtol=1e-10, atol=1e-12)
