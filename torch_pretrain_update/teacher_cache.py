@@ -131,6 +131,8 @@ def _encode_member(name: str, value: Any, key: str) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if ext == "npy":
+            if value.dtype == torch.bfloat16:
+                raise TypeError(f"sample {key!r}: member {name!r} is bfloat16, which .npy cannot hold; cast it first")
             return _npy_bytes(value.numpy())
         if ext in _INT_EXTS and value.numel() == 1 and not value.is_floating_point():
             return int(value.item())
