@@ -17,18 +17,8 @@ import signal
 from pathlib import Path
 
 import torch
+from resume_harness import IndexDataset  # this script runs with tests/ on sys.path
 from torchdata.stateful_dataloader import StatefulDataLoader
-
-
-class _Ids(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 def build(args: argparse.Namespace):
@@ -38,7 +28,7 @@ def build(args: argparse.Namespace):
         labels = torch.tensor([0] * 40 + [1] * 10 + [2] * 3)
         sampler = ClassBalancedSampler(labels, samples_per_class="max", seed=7)
         sampler.set_epoch(3)
-        loader = StatefulDataLoader(_Ids(len(labels)), sampler=sampler, batch_size=4, num_workers=args.workers)
+        loader = StatefulDataLoader(IndexDataset(len(labels)), sampler=sampler, batch_size=4, num_workers=args.workers)
         return loader, lambda batch: [int(i) for i in batch]
     from torch_pretrain_update.stream import WeightedWebDataset
 

@@ -22,6 +22,19 @@ import torch
 Factory = Callable[[], "tuple[Any, Callable[[int], None]]"]
 
 
+class IndexDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose item ``i`` is ``i``: batches show exactly which indices a sampler produced."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
 def to_py(batch: Any) -> Any:
     """Tensors/arrays/tuples/dicts to plain Python so that batches compare with ``==``."""
     if isinstance(batch, torch.Tensor):

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from tests.resume_harness import check_resume
+from tests.resume_harness import IndexDataset, check_resume
 from torch_pretrain_update._rng import epoch_generator
 from torch_pretrain_update._sampler_base import PlanSampler
 
@@ -122,15 +122,6 @@ def test_bad_state_and_bad_arguments():
         _Perm(10, shuffle=1)
 
 
-class _Ids(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 @pytest.mark.timeout(120)
@@ -138,7 +129,7 @@ class _Ids(torch.utils.data.Dataset):
 def test_base_resumes_under_stateful_dataloader(num_workers):
     def make():
         s = _ChunkedPerm(23, seed=9, num_replicas=2, rank=1)
-        return StatefulDataLoader(_Ids(200), sampler=s, batch_size=3, num_workers=num_workers), s.set_epoch
+        return StatefulDataLoader(IndexDataset(200), sampler=s, batch_size=3, num_workers=num_workers), s.set_epoch
 
     points = None if num_workers == 0 else [0, 1, 3]
     assert check_resume(make, epochs=2, break_points=points) >= 6

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from tests.resume_harness import check_resume
+from tests.resume_harness import IndexDataset, check_resume
 from torch_pretrain_update import plans
 from torch_pretrain_update.plans import class_balanced_plan, random_subset_plan, stratified_plan
 from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
@@ -20,21 +20,12 @@ LABELS[:2] = torch.tensor([3, 4])  # every class present
 EXCLUDE = [0, 5, 6, 7, 30, 31, 60]
 
 
-class _Ids(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 # (sampler factory, plan function) pairs: the sampler's stream on one rank must be the plan.
 CASES = {
     "subset": (
-        lambda **kw: RandomSubsetSampler(_Ids(61), 25, exclude=EXCLUDE, **kw),
+        lambda **kw: RandomSubsetSampler(IndexDataset(61), 25, exclude=EXCLUDE, **kw),
         lambda seed, epoch, shuffle: random_subset_plan(61, 25, seed, epoch, exclude=EXCLUDE, shuffle=shuffle),
     ),
     "subset_replacement": (
@@ -112,7 +103,8 @@ def _resume_factory(case: str, num_workers: int, batch_size: int | None, **kw):
 
     def make():
         s = make_sampler(seed=4, **kw)
-        return StatefulDataLoader(_Ids(61), sampler=s, batch_size=batch_size, num_workers=num_workers), s.set_epoch
+        loader = StatefulDataLoader(IndexDataset(61), sampler=s, batch_size=batch_size, num_workers=num_workers)
+        return loader, s.set_epoch
 
     return make
 
@@ -161,7 +153,7 @@ def test_attributes():
     assert b.num_per_class == int(counts.min()) and b.num_classes_present == 5 and len(b) == 5 * b.num_per_class
     absent = ClassBalancedSampler(torch.tensor([0, 0, 2]), samples_per_class="max")
     assert absent.num_classes_present == 2 and sorted(list(absent)) == [0, 1, 2, 2]
-    r = RandomSubsetSampler(_Ids(61), 5, exclude=EXCLUDE)
+    r = RandomSubsetSampler(IndexDataset(61), 5, exclude=EXCLUDE)
     assert r.pool_size == 61 - len(EXCLUDE) and len(r) == 5
 
 

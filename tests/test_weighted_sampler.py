@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from tests.resume_harness import check_resume
+from tests.resume_harness import IndexDataset, check_resume
 from torch_pretrain_update import WeightedSampler
 from torch_pretrain_update import weighted_plans as wp
 from torch_pretrain_update.weighted_plans import (
@@ -17,17 +16,6 @@ from torch_pretrain_update.weighted_plans import (
     weighted_draws,
     weighted_sample_without_replacement,
 )
-
-
-class IndexDataset(Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 def rank_streams(make, world: int) -> list[list[int]]:

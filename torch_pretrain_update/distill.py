@@ -811,6 +811,10 @@ class FeatureHintLoss(nn.Module):
                 f"spatial/token positions); got {tuple(student_features.shape)} and {tuple(teacher_features.shape)}"
                 " (pool or interpolate one of them first)"
             )
+        if fs.numel() == 0:  # the mean of nothing: say so instead of reporting a NaN loss
+            raise ValueError(
+                f"student_features must hold at least one feature vector; got shape {tuple(student_features.shape)}"
+            )
         if ft.device != fs.device:
             raise ValueError(f"teacher_features must be on the student's device {fs.device}; got {ft.device}")
         diff = self.regressor(fs) - ft.to(fs.dtype)
