@@ -13,9 +13,10 @@ import argparse
 import importlib
 import json
 import platform
+import subprocess
 import sys
+import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -74,9 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
     parser.add_argument("--only", default="", help="comma-separated benchmark names (e.g. samplers,scores)")
     parser.add_argument("--out-dir", default=str(HERE), help="where results.md / results.json go")
+    parser.add_argument("--module-json", nargs=2, metavar=("NAME", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(HERE.parent))
+    if args.module_json:  # child mode: run one module, write its rows as JSON
+        name, path = args.module_json
+        mod = importlib.import_module(f"benchmarks.{name}")
+        rows = [r.to_dict() for r in mod.run(quick=args.quick)]
+        Path(path).write_text(json.dumps({"rows": rows, "skipped": list(getattr(mod, "SKIPPED", []))}))
+        return 0
+
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     rows: list[dict] = []
     errors: dict[str, str] = {}
@@ -84,16 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in _modules(only):
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
-        try:
-            mod = importlib.import_module(f"benchmarks.{name}")
-            results = mod.run(quick=args.quick)
-            skipped += list(getattr(mod, "SKIPPED", []))
-        except Exception as exc:  # a broken benchmark is reported, the others still run
-            traceback.print_exc()
-            errors[name] = f"{type(exc).__name__}: {exc}"
-            continue
-        for r in results:
-            d = r.to_dict()
+        # Each module runs in a fresh interpreter: thread settings, allocator state and peak-RSS marks left by
+        # one benchmark must not leak into the next one's figures.
+        with tempfile.TemporaryDirectory() as tmp:
+            out_json = Path(tmp) / "rows.json"
+            cmd = [sys.executable, "-m", "benchmarks", "--module-json", name, str(out_json)]
+            proc = subprocess.run(cmd + (["--quick"] if args.quick else []), cwd=HERE.parent)
+            if proc.returncode != 0 or not out_json.exists():
+                errors[name] = f"exited with status {proc.returncode} (traceback above)"
+                continue
+            result = json.loads(out_json.read_text())
+        skipped += result["skipped"]
+        for d in result["rows"]:
             d["benchmark"] = name
             rows.append(d)
             print(f"   {d['measure']}: ours={d['ours']!r} baseline={d['baseline']!r} ratio={d['ratio']!r} "

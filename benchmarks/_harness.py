@@ -98,3 +98,37 @@ def peak_traced_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
 def max_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class IndexDataset:
+    """A map-style dataset whose item ``i`` is ``i`` (for timing samplers through a DataLoader)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def resume_time(
+    make_loader: Callable[[], Any], position: int, batch_size: int, repeat: int, clock: Callable[[], float]
+) -> float:
+    """Best time from a fresh loader's ``load_state_dict`` to its first batch, resuming at ``position`` samples
+    (the state is taken from a loader that consumed ``position // batch_size`` batches)."""
+    loader = make_loader()
+    it = iter(loader)
+    for _ in range(position // batch_size):
+        next(it)
+    state = loader.state_dict()
+    del it, loader
+    best = float("inf")
+    for _ in range(repeat):
+        fresh = make_loader()
+        t0 = clock()
+        fresh.load_state_dict(state)
+        next(iter(fresh))
+        best = min(best, clock() - t0)
+    return best

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from benchmarks._harness import Result, interleaved
+from benchmarks._harness import IndexDataset, Result, interleaved, resume_time
 from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler
 from torch_pretrain_update.weights import sample_weights
 
@@ -155,34 +155,6 @@ def _random_subset(quick: bool) -> list[Result]:
 
 # ----- 3. resume cost in the position -----------------------------------------------------------------------
 
-class _Ids(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-def _resume_time(make_loader, position: int, batch_size: int, repeat: int) -> float:
-    """Seconds from a fresh loader's ``load_state_dict`` to its first batch, resuming at ``position`` samples."""
-    loader = make_loader()
-    it = iter(loader)
-    for _ in range(position // batch_size):
-        next(it)
-    state = loader.state_dict()
-    del it, loader
-    best = float("inf")
-    for _ in range(repeat):
-        fresh = make_loader()
-        t0 = _clock()
-        fresh.load_state_dict(state)
-        next(iter(fresh))
-        best = min(best, _clock() - t0)
-    return best
-
 
 def _resume(quick: bool) -> list[Result]:
     positions = [100, 1_000] if quick else [1_000, 100_000, 1_000_000]
@@ -190,7 +162,7 @@ def _resume(quick: bool) -> list[Result]:
     bs = 64
     labels = torch.from_numpy(_zipf_labels(n, seed=1))
     weights = sample_weights(labels).double()
-    ds = _Ids(n)
+    ds = IndexDataset(n)
 
     def make_weighted():
         g = torch.Generator().manual_seed(0)  # seeded, so the replay reproduces the stream
@@ -204,8 +176,8 @@ def _resume(quick: bool) -> list[Result]:
     rows = []
     ours_times = {}
     for pos in positions:
-        ours = _resume_time(make_ours, pos, bs, repeat=1 if quick else 3)
-        base = _resume_time(make_weighted, pos, bs, repeat=1 if quick or pos >= 1_000_000 else 3)
+        ours = resume_time(make_ours, pos, bs, 1 if quick else 3, _clock)
+        base = resume_time(make_weighted, pos, bs, 1 if quick or pos >= 1_000_000 else 3, _clock)
         ours_times[pos] = ours
         rows.append(Result(f"StatefulDataLoader resume at position {pos:.0e} (batch {bs}, N={n:.0e})", ours, base,
                            "WeightedRandomSampler (not Stateful: replayed)",

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from benchmarks._harness import Result, interleaved
+from benchmarks._harness import IndexDataset, Result, interleaved, resume_time
 from torch_pretrain_update import WeightedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,40 +179,13 @@ def _alone(quick: bool) -> list[Result]:
 # ----- 3. resume cost ---------------------------------------------------------------------------------------
 
 
-class _Ids:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-def _resume_time(make_loader, position: int, batch_size: int, repeat: int) -> float:
-    loader = make_loader()
-    it = iter(loader)
-    for _ in range(position // batch_size):
-        next(it)
-    state = loader.state_dict()
-    del it, loader
-    best = float("inf")
-    for _ in range(repeat):
-        fresh = make_loader()
-        t0 = _clock()
-        fresh.load_state_dict(state)
-        next(iter(fresh))
-        best = min(best, _clock() - t0)
-    return best
-
 
 def _resume(quick: bool) -> list[Result]:
     positions = [100, 1_000] if quick else [1_000, 100_000, 1_000_000]
     n = 5_000 if quick else 2_000_000
     bs = 64
     w = torch.rand(n, generator=torch.Generator().manual_seed(1))
-    ds = _Ids(n)
+    ds = IndexDataset(n)
 
     def make_theirs():
         s = WeightedRandomSampler(w, n, replacement=True, generator=torch.Generator().manual_seed(0))
@@ -224,8 +197,8 @@ def _resume(quick: bool) -> list[Result]:
     rows = []
     ours_t = {}
     for pos in positions:
-        ours = _resume_time(make_ours, pos, bs, repeat=1 if quick else 3)
-        theirs = _resume_time(make_theirs, pos, bs, repeat=1 if quick or pos >= 1_000_000 else 3)
+        ours = resume_time(make_ours, pos, bs, 1 if quick else 3, _clock)
+        theirs = resume_time(make_theirs, pos, bs, 1 if quick or pos >= 1_000_000 else 3, _clock)
         ours_t[pos] = ours
         rows.append(
             Result(
