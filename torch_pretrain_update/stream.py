@@ -78,7 +78,7 @@ import torch
 from torch.utils.data import IterableDataset
 from webdataset.handlers import reraise_exception
 
-from torch_pretrain_update._checks import check_bool, check_choice, check_float, check_int, check_vector
+from torch_pretrain_update._checks import _short, check_bool, check_choice, check_float, check_int, check_vector
 from torch_pretrain_update._dist import resolve_replicas, worker_split
 from torch_pretrain_update._rng import epoch_generator
 from torch_pretrain_update.decode import safe_decode
@@ -702,11 +702,6 @@ def _json_copy(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"state contains a non-finite float {value}")
     return value
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def stream_stats(state: dict[str, Any]) -> dict[str, Any]:
