@@ -34,8 +34,8 @@ from torch.utils.data import DistributedSampler, WeightedRandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from benchmarks._harness import IndexDataset, Result, interleaved, resume_time
-from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler
-from torch_pretrain_update.weights import sample_weights
+from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler
+from torch_pretrain_update.scoring.weights import sample_weights
 
 SKIPPED: list[str] = []
 

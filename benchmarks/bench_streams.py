@@ -37,8 +37,8 @@ import webdataset as wds
 from webdataset.autodecode import Decoder
 
 from benchmarks._harness import Result
-from torch_pretrain_update.shards import read_manifest, write_shards
-from torch_pretrain_update.stream import WeightedWebDataset
+from torch_pretrain_update.data.shards import read_manifest, write_shards
+from torch_pretrain_update.data.stream import WeightedWebDataset
 
 SKIPPED: list[str] = []
 

@@ -17,8 +17,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torch_pretrain_update.distill import KDLoss
-from torch_pretrain_update.samplers import ClassBalancedSampler
+from torch_pretrain_update.sampling.samplers import ClassBalancedSampler
+from torch_pretrain_update.training.distill import KDLoss
 
 torch.set_num_threads(1)
 digits = load_digits()

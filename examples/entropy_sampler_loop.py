@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torch_pretrain_update.entropy_sampler import EntropySampler
+from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
 
 torch.manual_seed(0)
 torch.set_num_threads(1)

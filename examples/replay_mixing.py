@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import default_collate
 from torchdata.nodes import Batcher, Loader, Mapper, MultiNodeWeightedSampler, SamplerWrapper, StopCriteria
 
-from torch_pretrain_update.samplers import RandomSubsetSampler
-from torch_pretrain_update.weights import sample_weights
+from torch_pretrain_update.sampling.samplers import RandomSubsetSampler
+from torch_pretrain_update.scoring.weights import sample_weights
 
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from torch_pretrain_update.scores import entropy
-from torch_pretrain_update.selection_rounds import SelectionRounds
+from torch_pretrain_update.sampling.rounds import SelectionRounds
+from torch_pretrain_update.scoring.scores import entropy
 
 torch.set_num_threads(1)
 BUDGET, ROUNDS = 150, 5

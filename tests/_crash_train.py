@@ -23,14 +23,14 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 def build(args: argparse.Namespace):
     if args.kind == "sampler":
-        from torch_pretrain_update.samplers import ClassBalancedSampler
+        from torch_pretrain_update.sampling.samplers import ClassBalancedSampler
 
         labels = torch.tensor([0] * 40 + [1] * 10 + [2] * 3)
         sampler = ClassBalancedSampler(labels, samples_per_class="max", seed=7)
         sampler.set_epoch(3)
         loader = StatefulDataLoader(IndexDataset(len(labels)), sampler=sampler, batch_size=4, num_workers=args.workers)
         return loader, lambda batch: [int(i) for i in batch]
-    from torch_pretrain_update.stream import WeightedWebDataset
+    from torch_pretrain_update.data.stream import WeightedWebDataset
 
     ds = WeightedWebDataset(args.shards, num_classes=3, manifest=args.manifest, seed=7, shuffle=True)
     ds.set_epoch(3)

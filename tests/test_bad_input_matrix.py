@@ -27,16 +27,21 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from torch_pretrain_update import cli
-from torch_pretrain_update.distill import DKDLoss, FeatureHintLoss, KDLoss, PseudoLabelLoss
-from torch_pretrain_update.entropy_sampler import EntropySampler
-from torch_pretrain_update.partial import GradualUnfreezing, freeze, partial_optimizer, unfreeze
-from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
-from torch_pretrain_update.scores import compute_scores, entropy, least_confidence, margin
-from torch_pretrain_update.selection_rounds import SelectionRounds
-from torch_pretrain_update.stages import balance_classes, select_by_entropy, with_class_weights, with_entropy_weights
-from torch_pretrain_update.weighted_dataset import WeightedDataset
-from torch_pretrain_update.weighted_sampler import WeightedSampler
-from torch_pretrain_update.weights import class_weights, class_weights_from_counts, sample_weights
+from torch_pretrain_update.data.stages import (
+    balance_classes,
+    select_by_entropy,
+    with_class_weights,
+    with_entropy_weights,
+)
+from torch_pretrain_update.data.weighted_dataset import WeightedDataset
+from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
+from torch_pretrain_update.sampling.rounds import SelectionRounds
+from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
+from torch_pretrain_update.scoring.scores import compute_scores, entropy, least_confidence, margin
+from torch_pretrain_update.scoring.weights import class_weights, class_weights_from_counts, sample_weights
+from torch_pretrain_update.training.distill import DKDLoss, FeatureHintLoss, KDLoss, PseudoLabelLoss
+from torch_pretrain_update.training.partial import GradualUnfreezing, freeze, partial_optimizer, unfreeze
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,8 +95,8 @@ def _s(key: str, **members: Any) -> dict:
 
 def _wds(tmp: Path, **kw: Any) -> Any:
     """A WeightedWebDataset over one real (healthy) shard; ``kw`` overrides the arguments."""
-    from torch_pretrain_update.shards import write_shards
-    from torch_pretrain_update.stream import WeightedWebDataset
+    from torch_pretrain_update.data.shards import write_shards
+    from torch_pretrain_update.data.stream import WeightedWebDataset
 
     samples = [{"__key__": f"k{i}", "cls": i % 2, "npy": np.full(2, i, np.float32)} for i in range(6)]
     man = write_shards(samples, str(tmp / "ok-%06d.tar"), maxcount=10)
@@ -101,7 +106,7 @@ def _wds(tmp: Path, **kw: Any) -> Any:
 
 
 def _wds_iterate_missing(tmp: Path) -> list:
-    from torch_pretrain_update.stream import WeightedWebDataset
+    from torch_pretrain_update.data.stream import WeightedWebDataset
 
     ds = WeightedWebDataset([str(tmp / "nowhere-000000.tar")], num_classes=2)
     return list(ds)

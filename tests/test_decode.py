@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from webdataset import autodecode, tenbin
 
-from torch_pretrain_update.decode import (
+from torch_pretrain_update.data.decode import (
     MemberDecodeError,
     SafeDecoder,
     UnsafeMemberError,

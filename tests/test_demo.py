@@ -213,7 +213,7 @@ def test_manifest_count_mismatch_is_an_error(tmp_path):
     """A shard that is a well-formed tar but lost a whole sample: only the manifest's count reveals it."""
     import webdataset as wds
 
-    from torch_pretrain_update.shards import iter_shard_samples
+    from torch_pretrain_update.data.shards import iter_shard_samples
 
     demo.write_digits_shards(tmp_path)
     victim = str(tmp_path / "shards" / "digits-000002.tar")
@@ -227,8 +227,8 @@ def test_manifest_count_mismatch_is_an_error(tmp_path):
 
 
 def test_one_shot_selection_is_the_samplers_first_epoch(tmp_path):
-    from torch_pretrain_update.entropy_sampler import EntropySampler
-    from torch_pretrain_update.samplers import StratifiedSampler
+    from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
+    from torch_pretrain_update.sampling.samplers import StratifiedSampler
 
     y = np.repeat(np.arange(4), 40)
     arrays = demo.Arrays(x=np.random.default_rng(0).random((160, 8)).astype(np.float32), y=y, num_classes=4,
@@ -248,7 +248,7 @@ def test_one_shot_selection_is_the_samplers_first_epoch(tmp_path):
 # ------------------------------------------------------------------------------------------ user data
 @pytest.mark.timeout(240)
 def test_demo_on_user_shards(tmp_path, capsys):
-    from torch_pretrain_update.shards import write_shards
+    from torch_pretrain_update.data.shards import write_shards
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(3, 16)) * 3
@@ -285,7 +285,7 @@ def test_demo_on_user_shards(tmp_path, capsys):
     ],
 )
 def test_demo_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
-    from torch_pretrain_update.shards import write_shards
+    from torch_pretrain_update.data.shards import write_shards
 
     write_shards(({"__key__": f"{i}", "cls": i % 2, "npy": np.zeros(3, np.float32)} for i in range(20)),
                  str(tmp_path / "one-%d.tar"), maxcount=100)

@@ -27,14 +27,14 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from torch_pretrain_update.distill import KDLoss
-from torch_pretrain_update.distributed import broadcast_seed, score_dataset, score_shares
-from torch_pretrain_update.entropy_sampler import EntropySampler
-from torch_pretrain_update.partial import FrozenCheck, partial_optimizer
-from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
-from torch_pretrain_update.shards import write_shards
-from torch_pretrain_update.stream import WeightedWebDataset
-from torch_pretrain_update.weighted_sampler import WeightedSampler
+from torch_pretrain_update.data.shards import write_shards
+from torch_pretrain_update.data.stream import WeightedWebDataset
+from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
+from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
+from torch_pretrain_update.scoring.distributed import broadcast_seed, score_dataset, score_shares
+from torch_pretrain_update.training.distill import KDLoss
+from torch_pretrain_update.training.partial import FrozenCheck, partial_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_DEADLINE_S = 150

@@ -14,8 +14,8 @@ from tests.resume_harness import check_resume
 from tests.test_weighted_plans import numpy_topk
 from tests.test_weighted_sampler import IndexDataset, check_split
 from torch_pretrain_update import EntropySampler
-from torch_pretrain_update.plans import stratified_quotas
-from torch_pretrain_update.weighted_plans import entropy_plan, entropy_plan_parts
+from torch_pretrain_update.sampling.plans import stratified_quotas
+from torch_pretrain_update.sampling.weighted_plans import entropy_plan, entropy_plan_parts
 
 ALPHA = 1e-4  # seeded goodness-of-fit tests; see test_weighted_plans.ALPHA
 
@@ -479,7 +479,7 @@ def test_bad_scores_input():
 
 @pytest.mark.parametrize("fn_name", ["entropy", "margin", "least_confidence"])
 def test_scores_fast_path_keeps_exact_errors(fn_name):
-    import torch_pretrain_update.scores as sc
+    import torch_pretrain_update.scoring.scores as sc
 
     fn = getattr(sc, fn_name)
     ok = np.full((6, 4), 0.25, dtype=np.float32)
@@ -509,7 +509,7 @@ def test_scores_fast_path_keeps_exact_errors(fn_name):
 
 
 def test_entropy_fast_path_zero_probabilities_exact():
-    import torch_pretrain_update.scores as sc
+    import torch_pretrain_update.scoring.scores as sc
 
     p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype=np.float32)
     np.testing.assert_allclose(sc.entropy(p).numpy(), numpy_entropy(p), atol=1e-7)

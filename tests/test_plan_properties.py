@@ -13,8 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_pretrain_update.plans import class_balanced_plan, random_subset_plan, stratified_plan, stratified_quotas
-from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+from torch_pretrain_update.sampling.plans import (
+    class_balanced_plan,
+    random_subset_plan,
+    stratified_plan,
+    stratified_quotas,
+)
+from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 
 SETTINGS = settings(max_examples=30, deadline=None)
 seeds = st.integers(min_value=0, max_value=2**31 - 1)

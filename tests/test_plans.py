@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from torch_pretrain_update import plans
-from torch_pretrain_update.plans import (
+from torch_pretrain_update.sampling import plans
+from torch_pretrain_update.sampling.plans import (
     ClassGroups,
     _class_balanced_chunks,
     _iid_chunks,

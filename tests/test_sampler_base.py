@@ -12,7 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.resume_harness import IndexDataset, check_resume
 from torch_pretrain_update._rng import epoch_generator
-from torch_pretrain_update._sampler_base import PlanSampler
+from torch_pretrain_update.sampling.base import PlanSampler
 
 
 class _Perm(PlanSampler):

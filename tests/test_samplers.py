@@ -11,9 +11,9 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.resume_harness import IndexDataset, check_resume
-from torch_pretrain_update import plans
-from torch_pretrain_update.plans import class_balanced_plan, random_subset_plan, stratified_plan
-from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+from torch_pretrain_update.sampling import plans
+from torch_pretrain_update.sampling.plans import class_balanced_plan, random_subset_plan, stratified_plan
+from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 
 LABELS = torch.from_numpy(np.random.default_rng(0).choice(5, size=61, p=[0.5, 0.25, 0.15, 0.07, 0.03]))
 LABELS[:2] = torch.tensor([3, 4])  # every class present

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import torch_pretrain_update.scores as scores_mod
+import torch_pretrain_update.scoring.scores as scores_mod
 from torch_pretrain_update import compute_scores, entropy, least_confidence, margin
 
 

@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 
 from tests import shard_fixtures as fx
-from torch_pretrain_update.shards import (
+from torch_pretrain_update.data.shards import (
     DamagedShardError,
     expand_urls,
     inspect_shards,

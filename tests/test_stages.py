@@ -13,16 +13,16 @@ import pytest
 import torch
 import webdataset as wds
 
-from torch_pretrain_update.decode import safe_decode
-from torch_pretrain_update.scores import compute_scores
-from torch_pretrain_update.stages import (
+from torch_pretrain_update.data.decode import safe_decode
+from torch_pretrain_update.data.stages import (
     BadSampleError,
     balance_classes,
     select_by_entropy,
     with_class_weights,
     with_entropy_weights,
 )
-from torch_pretrain_update.weights import WEIGHT_SCHEMES, class_weights, class_weights_from_counts
+from torch_pretrain_update.scoring.scores import compute_scores
+from torch_pretrain_update.scoring.weights import WEIGHT_SCHEMES, class_weights, class_weights_from_counts
 
 C = 4
 

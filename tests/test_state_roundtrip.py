@@ -21,14 +21,19 @@ from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.resume_harness import to_py
-from torch_pretrain_update.entropy_sampler import EntropySampler
-from torch_pretrain_update.partial import GradualUnfreezing, partial_optimizer
-from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
-from torch_pretrain_update.selection_rounds import SelectionRounds
-from torch_pretrain_update.shards import write_shards
-from torch_pretrain_update.stages import balance_classes, select_by_entropy, with_class_weights, with_entropy_weights
-from torch_pretrain_update.stream import WeightedWebDataset
-from torch_pretrain_update.weighted_sampler import WeightedSampler
+from torch_pretrain_update.data.shards import write_shards
+from torch_pretrain_update.data.stages import (
+    balance_classes,
+    select_by_entropy,
+    with_class_weights,
+    with_entropy_weights,
+)
+from torch_pretrain_update.data.stream import WeightedWebDataset
+from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
+from torch_pretrain_update.sampling.rounds import SelectionRounds
+from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
+from torch_pretrain_update.training.partial import GradualUnfreezing, partial_optimizer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,10 +17,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests import shard_fixtures as fx
 from tests.resume_harness import check_resume
-from torch_pretrain_update.shards import read_manifest
-from torch_pretrain_update.stages import with_class_weights
-from torch_pretrain_update.stream import WeightedWebDataset, stream_stats
-from torch_pretrain_update.weights import class_weights
+from torch_pretrain_update.data.shards import read_manifest
+from torch_pretrain_update.data.stages import with_class_weights
+from torch_pretrain_update.data.stream import WeightedWebDataset, stream_stats
+from torch_pretrain_update.scoring.weights import class_weights
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -345,7 +345,7 @@ def test_damage_is_counted_with_a_skipping_handler(tmp_path, kind, num_workers, 
     ds = WeightedWebDataset(None, manifest=man, num_classes=3, required_keys=["npy"], seed=0, shuffle=False,
                             handler=wds.ignore_and_continue)
     loader = StatefulDataLoader(ds, batch_size=4, num_workers=num_workers, collate_fn=collate)
-    with caplog.at_level(logging.WARNING, logger="torch_pretrain_update.stream"):
+    with caplog.at_level(logging.WARNING, logger="torch_pretrain_update.data.stream"):
         keys = [k for b in loader for k in b["key"]]
     stats = stream_stats(loader.state_dict())
     if kind in TAR_DAMAGE:

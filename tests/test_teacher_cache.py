@@ -23,8 +23,8 @@ from torch_pretrain_update import (
     teacher_targets,
     write_teacher_outputs,
 )
-from torch_pretrain_update.shards import DamagedShardError, iter_shard_samples, read_manifest, write_shards
-from torch_pretrain_update.teacher_cache import (
+from torch_pretrain_update.data.shards import DamagedShardError, iter_shard_samples, read_manifest, write_shards
+from torch_pretrain_update.training.teacher_cache import (
     TEACHER_LOGITS_KEY,
     TEACHER_TOPK_INDICES_KEY,
     TEACHER_TOPK_LOGPROBS_KEY,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from torch_pretrain_update.weighted_dataset import WeightedDataset
-from torch_pretrain_update.weights import sample_weights
+from torch_pretrain_update.data.weighted_dataset import WeightedDataset
+from torch_pretrain_update.scoring.weights import sample_weights
 
 
 class DictDataset(Dataset):

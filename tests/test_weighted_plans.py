@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from torch_pretrain_update import weighted_plans as wp
-from torch_pretrain_update.weighted_plans import (
+from torch_pretrain_update.sampling import weighted_plans as wp
+from torch_pretrain_update.sampling.weighted_plans import (
     CumulativeWeights,
     check_weights,
     exclude_mask,

@@ -10,8 +10,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.resume_harness import IndexDataset, check_resume
 from torch_pretrain_update import WeightedSampler
-from torch_pretrain_update import weighted_plans as wp
-from torch_pretrain_update.weighted_plans import (
+from torch_pretrain_update.sampling import weighted_plans as wp
+from torch_pretrain_update.sampling.weighted_plans import (
     weighted_draw_chunk,
     weighted_draws,
     weighted_sample_without_replacement,

@@ -20,12 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from torch_pretrain_update.decode import safe_decode
-from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler
-from torch_pretrain_update.shards import write_shards
-from torch_pretrain_update.stream import WeightedWebDataset
-from torch_pretrain_update.weighted_dataset import WeightedDataset
-from torch_pretrain_update.weighted_sampler import WeightedSampler
+from torch_pretrain_update.data.decode import safe_decode
+from torch_pretrain_update.data.shards import write_shards
+from torch_pretrain_update.data.stream import WeightedWebDataset
+from torch_pretrain_update.data.weighted_dataset import WeightedDataset
+from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler
+from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,40 +4,40 @@ Selection and balancing samplers, weight-emitting datasets and WebDataset stream
 updates and distillation losses. Every public name is re-exported here; each module owns its ``__all__``.
 """
 
-from torch_pretrain_update import decode as _decode
-from torch_pretrain_update import distill as _distill
-from torch_pretrain_update import distributed as _distributed
-from torch_pretrain_update import entropy_sampler as _entropy_sampler
-from torch_pretrain_update import partial as _partial
-from torch_pretrain_update import plans as _plans
-from torch_pretrain_update import samplers as _samplers
-from torch_pretrain_update import scores as _scores
-from torch_pretrain_update import selection_rounds as _selection_rounds
-from torch_pretrain_update import shards as _shards
-from torch_pretrain_update import stages as _stages
-from torch_pretrain_update import stream as _stream
-from torch_pretrain_update import teacher_cache as _teacher_cache
-from torch_pretrain_update import weighted_dataset as _weighted_dataset
-from torch_pretrain_update import weighted_plans as _weighted_plans
-from torch_pretrain_update import weighted_sampler as _weighted_sampler
-from torch_pretrain_update import weights as _weights
-from torch_pretrain_update.decode import *  # noqa: F403
-from torch_pretrain_update.distill import *  # noqa: F403
-from torch_pretrain_update.distributed import *  # noqa: F403
-from torch_pretrain_update.entropy_sampler import *  # noqa: F403
-from torch_pretrain_update.partial import *  # noqa: F403
-from torch_pretrain_update.plans import *  # noqa: F403
-from torch_pretrain_update.samplers import *  # noqa: F403
-from torch_pretrain_update.scores import *  # noqa: F403
-from torch_pretrain_update.selection_rounds import *  # noqa: F403
-from torch_pretrain_update.shards import *  # noqa: F403
-from torch_pretrain_update.stages import *  # noqa: F403
-from torch_pretrain_update.stream import *  # noqa: F403
-from torch_pretrain_update.teacher_cache import *  # noqa: F403
-from torch_pretrain_update.weighted_dataset import *  # noqa: F403
-from torch_pretrain_update.weighted_plans import *  # noqa: F403
-from torch_pretrain_update.weighted_sampler import *  # noqa: F403
-from torch_pretrain_update.weights import *  # noqa: F403
+from torch_pretrain_update.data import decode as _decode
+from torch_pretrain_update.data import shards as _shards
+from torch_pretrain_update.data import stages as _stages
+from torch_pretrain_update.data import stream as _stream
+from torch_pretrain_update.data import weighted_dataset as _weighted_dataset
+from torch_pretrain_update.data.decode import *  # noqa: F403
+from torch_pretrain_update.data.shards import *  # noqa: F403
+from torch_pretrain_update.data.stages import *  # noqa: F403
+from torch_pretrain_update.data.stream import *  # noqa: F403
+from torch_pretrain_update.data.weighted_dataset import *  # noqa: F403
+from torch_pretrain_update.sampling import entropy_sampler as _entropy_sampler
+from torch_pretrain_update.sampling import plans as _plans
+from torch_pretrain_update.sampling import rounds as _selection_rounds
+from torch_pretrain_update.sampling import samplers as _samplers
+from torch_pretrain_update.sampling import weighted_plans as _weighted_plans
+from torch_pretrain_update.sampling import weighted_sampler as _weighted_sampler
+from torch_pretrain_update.sampling.entropy_sampler import *  # noqa: F403
+from torch_pretrain_update.sampling.plans import *  # noqa: F403
+from torch_pretrain_update.sampling.rounds import *  # noqa: F403
+from torch_pretrain_update.sampling.samplers import *  # noqa: F403
+from torch_pretrain_update.sampling.weighted_plans import *  # noqa: F403
+from torch_pretrain_update.sampling.weighted_sampler import *  # noqa: F403
+from torch_pretrain_update.scoring import distributed as _distributed
+from torch_pretrain_update.scoring import scores as _scores
+from torch_pretrain_update.scoring import weights as _weights
+from torch_pretrain_update.scoring.distributed import *  # noqa: F403
+from torch_pretrain_update.scoring.scores import *  # noqa: F403
+from torch_pretrain_update.scoring.weights import *  # noqa: F403
+from torch_pretrain_update.training import distill as _distill
+from torch_pretrain_update.training import partial as _partial
+from torch_pretrain_update.training import teacher_cache as _teacher_cache
+from torch_pretrain_update.training.distill import *  # noqa: F403
+from torch_pretrain_update.training.partial import *  # noqa: F403
+from torch_pretrain_update.training.teacher_cache import *  # noqa: F403
 
 __version__ = "0.1.0"
 

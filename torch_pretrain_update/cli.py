@@ -182,7 +182,7 @@ def _label_counts(labels: np.ndarray, num_classes: Optional[int], args: argparse
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from torch_pretrain_update.weights import class_weights_from_counts
+    from torch_pretrain_update.scoring.weights import class_weights_from_counts
 
     labels = _read_labels(args.labels, args)
     if args.output:
@@ -210,7 +210,7 @@ SELECT_STRATEGIES = SCORE_STRATEGIES + ("random",) + LABEL_STRATEGIES
 def _scores_of(x: np.ndarray, args: argparse.Namespace) -> np.ndarray:
     """A score per row, read or computed chunk by chunk: the 1-D input itself (copied out of the memory map,
     checked finite), or the uncertainty score (float32) of each row of a 2-D input."""
-    from torch_pretrain_update.scores import compute_scores
+    from torch_pretrain_update.scoring.scores import compute_scores
 
     n = x.shape[0]
     if x.ndim == 1:
@@ -293,8 +293,8 @@ def _labels_array(labels: np.ndarray, args: argparse.Namespace) -> np.ndarray:
 def cmd_select(args: argparse.Namespace) -> int:
     import torch
 
-    from torch_pretrain_update.plans import class_balanced_plan, random_subset_plan, stratified_plan
-    from torch_pretrain_update.weighted_plans import entropy_plan
+    from torch_pretrain_update.sampling.plans import class_balanced_plan, random_subset_plan, stratified_plan
+    from torch_pretrain_update.sampling.weighted_plans import entropy_plan
 
     x = _load_npy(args.input, "input")
     _check_output(args.output)
@@ -350,8 +350,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from torch_pretrain_update.data.shards import expand_urls, inspect_shards
     from torch_pretrain_update.demo import find_manifest
-    from torch_pretrain_update.shards import expand_urls, inspect_shards
 
     urls: list[str] = []
     for pattern in args.shards:
@@ -475,7 +475,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from torch_pretrain_update.weights import WEIGHT_SCHEMES
+    from torch_pretrain_update.scoring.weights import WEIGHT_SCHEMES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog=PROG, description="Update pretrained models on new data: selection, weighting, "

@@ -62,7 +62,7 @@ _SPARSE_LSE_TOL = 1e-2
 
 class SparseTeacher:
     r"""Top-k teacher targets: the k largest log-probabilities (at temperature 1) of each sample and their class
-    indices, e.g. as cached by :func:`~torch_pretrain_update.teacher_cache.write_teacher_outputs` with ``topk``.
+    indices, e.g. as cached by :func:`~torch_pretrain_update.write_teacher_outputs` with ``topk``.
 
     :class:`KDLoss` accepts it in place of dense teacher logits. **Approximation:** the probability mass that the
     top k classes leave, ``r = 1 - sum_i exp(log_probs_i)``, is spread uniformly over the other ``C - k`` classes

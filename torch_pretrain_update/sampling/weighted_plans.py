@@ -632,7 +632,7 @@ def _split_counts(num_samples: int, random_fraction: float) -> tuple[int, int]:
 def _quotas(
     labels: torch.Tensor, num_classes: int, pool: torch.Tensor, n: int, min_per_class: int
 ) -> torch.Tensor:
-    from torch_pretrain_update.plans import stratified_quotas  # the same quotas as StratifiedSampler
+    from torch_pretrain_update.sampling.plans import stratified_quotas  # the same quotas as StratifiedSampler
 
     counts = torch.bincount(labels[pool], minlength=num_classes)
     return stratified_quotas(counts, n, min_per_class=min_per_class)
@@ -836,7 +836,7 @@ def entropy_plan_parts(
       ``n_score`` highest scores, ties by lower index (ascending index order). ``mode="proportional"``: a
       draw with probability proportional to ``score ** (1 / temperature)``, with replacement (i.i.d., in draw
       order) or without (ascending index order). With ``stratify=labels`` the ``n_score`` are split into
-      per-class quotas (:func:`torch_pretrain_update.plans.stratified_quotas` over the pool's class counts,
+      per-class quotas (:func:`torch_pretrain_update.sampling.plans.stratified_quotas` over the pool's class counts,
       ``min_per_class``) and each class contributes its top-``q_c`` (or its own draw), classes in ascending
       order.
     - Random part: without replacement, uniform over the pool minus the score part (ascending index order);

@@ -1,7 +1,7 @@
 """Pure plan functions: ``(inputs, seed, epoch) -> LongTensor`` of indices, no DataLoader, no global RNG.
 
 Every random draw comes from :func:`torch_pretrain_update._rng.epoch_generator` seeded by ``(seed, epoch, ...)``,
-so a plan is a pure function of its arguments: the samplers in :mod:`torch_pretrain_update.samplers` only split
+so a plan is a pure function of its arguments: the samplers in :mod:`torch_pretrain_update.sampling.samplers` only split
 it across ranks and remember a position.
 """
 

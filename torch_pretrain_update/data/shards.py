@@ -49,7 +49,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys
 
 from torch_pretrain_update._checks import check_int
-from torch_pretrain_update.decode import _npy_header
+from torch_pretrain_update.data.decode import _npy_header
 
 __all__ = [
     "DamagedShardError",
@@ -304,7 +304,7 @@ def write_shards(
 
     Returns:
         the manifest's path (accepted by :func:`read_manifest`, :func:`inspect_shards` and ``manifest=`` of
-        :class:`~torch_pretrain_update.stream.WeightedWebDataset`).
+        :class:`~torch_pretrain_update.data.stream.WeightedWebDataset`).
 
     Raises:
         ValueError: bad pattern, no samples, a sample without ``__key__`` or ``label_key``, a label that is not

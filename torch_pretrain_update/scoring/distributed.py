@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from torch_pretrain_update._checks import check_bool, check_choice, check_int
-from torch_pretrain_update.scores import SCORE_NAMES, compute_scores
+from torch_pretrain_update.scoring.scores import SCORE_NAMES, compute_scores
 
 __all__ = ["score_dataset", "broadcast_seed", "score_shares"]
 
@@ -199,7 +199,7 @@ def score_dataset(
 
     Without an initialised process group this is a plain loop: batches ``[0, B), [B, 2B), ...`` in dataset
     order through ``model`` (in eval mode, under ``torch.inference_mode``), each batch's output scored with
-    :func:`~torch_pretrain_update.scores.compute_scores`. With one, every rank of ``group`` must call it (it is
+    :func:`~torch_pretrain_update.scoring.scores.compute_scores`. With one, every rank of ``group`` must call it (it is
     a collective): rank ``r`` runs only its contiguous run of those same batches (:func:`score_shares`, no
     sample scored twice, no padding), then the per-rank scores are all-gathered (padded to the longest share for
     ``all_gather`` and trimmed again), so every rank returns the full vector.

@@ -32,7 +32,7 @@ Three ways to use it:
 - ``wds.WebDataset(urls).compose(safe_decode(handler=wds.warn_and_continue))`` or inside ``wds.DataPipeline``:
   called on an *iterator*, the decoder is a stage that applies ``handler`` to bad samples and counts the ones it
   skips in :attr:`SafeDecoder.stats` (never a silent loss). In a ``wds.DataPipeline``, read the shards with
-  :func:`~torch_pretrain_update.shards.strict_tarfile_to_samples` rather than ``wds.tarfile_to_samples``, which
+  :func:`~torch_pretrain_update.data.shards.strict_tarfile_to_samples` rather than ``wds.tarfile_to_samples``, which
   silently loses the rest of a shard at a corrupt header or a truncation at a header boundary.
 - ``wds.WebDataset(urls).decode(safe_handler())``: the member-level ``(key, data)`` handler webdataset's
   ``Decoder`` expects. It returns a value (``bytes`` for unknown extensions) for every member, so webdataset's

@@ -3,7 +3,7 @@
 What it does (``pretrain-update demo``; see :func:`run_demo`):
 
 1. **Data.** scikit-learn's bundled digits (1,797 real 8x8 images, no download) are written into WebDataset
-   shards with a manifest (:func:`~torch_pretrain_update.shards.write_shards`) and read back through the strict
+   shards with a manifest (:func:`~torch_pretrain_update.data.shards.write_shards`) and read back through the strict
    shard reader and the safe decoder; ``--data`` reads the user's own shards instead.
 2. **Old and new distributions** (per seed). Half the classes, chosen at random, are *rare* in the old data
    (about 10x fewer samples than the common classes). The *new* data is a shifted mix: those rare classes are
@@ -15,7 +15,7 @@ What it does (``pretrain-update demo``; see :func:`run_demo`):
    stratified, entropy top-k, entropy proportional, class-balanced, entropy with a random half, and multi-round
    selection that re-scores the pool with the updated model each round) combined with every update method (plain
    fine-tuning, a partial update with the convolutional feature extractor frozen, and knowledge distillation from
-   the old model with :class:`~torch_pretrain_update.distill.KDLoss`). All runs of one seed start from the same
+   the old model with :class:`~torch_pretrain_update.training.distill.KDLoss`). All runs of one seed start from the same
    pretrained model, and every strategy gets the same training recipe (no strategy is tuned).
 5. **Report**: accuracy on the new and the old distribution (forgetting), recall of the classes that were rare
    in the old data, samples used and wall time, as mean and sample standard deviation over the seeds, plus the
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from torch_pretrain_update._checks import check_float, check_int
 from torch_pretrain_update._rng import epoch_generator, mix_seed
-from torch_pretrain_update.scores import entropy
+from torch_pretrain_update.scoring.scores import entropy
 
 __all__: list[str] = []  # a command, not library API: see ``pretrain-update demo --help``
 
@@ -156,7 +156,7 @@ def _digits_samples() -> list[dict[str, Any]]:
 
 def write_digits_shards(out_dir: str | os.PathLike, *, maxcount: int = 200) -> str:
     """Write sklearn's digits into ``out_dir/shards/digits-%06d.tar`` with a manifest; return its path."""
-    from torch_pretrain_update.shards import write_shards
+    from torch_pretrain_update.data.shards import write_shards
 
     pattern = os.path.join(os.fspath(out_dir), "shards", "digits-%06d.tar")
     return write_shards(_digits_samples(), pattern, maxcount=maxcount, label_key="cls", num_classes=10)
@@ -191,7 +191,7 @@ def load_shard_arrays(
     """Read labelled samples from WebDataset shards into arrays.
 
     Every shard is read with the strict reader (a truncated or corrupt shard is an error, not a silent loss)
-    and decoded with :func:`~torch_pretrain_update.decode.safe_decode` (nothing is unpickled; images are decoded
+    and decoded with :func:`~torch_pretrain_update.data.decode.safe_decode` (nothing is unpickled; images are decoded
     as grayscale). When a manifest is found next to the shards (or given), the sample counts are checked against
     it. Inputs are scaled to ``[0, 1]`` by the largest absolute value.
 
@@ -206,8 +206,8 @@ def load_shard_arrays(
         ValueError: no shards, a missing label/input member, inputs of different shapes, a count that
             differs from the manifest, fewer than 2 classes.
     """
-    from torch_pretrain_update.decode import safe_decode
-    from torch_pretrain_update.shards import expand_urls, iter_shard_samples, parse_label, read_manifest
+    from torch_pretrain_update.data.decode import safe_decode
+    from torch_pretrain_update.data.shards import expand_urls, iter_shard_samples, parse_label, read_manifest
 
     urls = expand_urls(urls_or_pattern)
     if not urls:
@@ -395,11 +395,11 @@ def train(
     """Train ``model`` in place on ``(x, y)``: Adam, ``cfg.lr``, ``cfg.batch_size``, a fresh shuffle per epoch.
 
     ``method``: ``"finetune"`` (every parameter), ``"partial"`` (``features`` frozen with
-    :func:`~torch_pretrain_update.partial.partial_optimizer`, only the head trains) or ``"kd"`` (every parameter,
-    :class:`~torch_pretrain_update.distill.KDLoss`: ``(1 - alpha) * CE + alpha * T^2 * KL`` with the old model
+    :func:`~torch_pretrain_update.partial_optimizer`, only the head trains) or ``"kd"`` (every parameter,
+    :class:`~torch_pretrain_update.training.distill.KDLoss`: ``(1 - alpha) * CE + alpha * T^2 * KL`` with the old model
     as the teacher).
     """
-    from torch_pretrain_update.partial import partial_optimizer
+    from torch_pretrain_update.training.partial import partial_optimizer
 
     if method == "partial":
         opt = partial_optimizer(model, torch.optim.Adam, trainable="head.*", lr=cfg.lr)
@@ -408,7 +408,7 @@ def train(
     kd = None
     teacher_logits = torch.empty(0)
     if method == "kd":
-        from torch_pretrain_update.distill import KDLoss
+        from torch_pretrain_update.training.distill import KDLoss
 
         if teacher is None:
             raise ValueError("method='kd' needs a teacher")
@@ -495,8 +495,8 @@ def select_one_shot(
     """The pool indices a one-shot strategy gives the update: epoch 0 of the library sampler, i.e. exactly what
     a training loop would draw first. The update then trains on that fixed selection (a labelling budget);
     only class-balanced resampling can repeat an index (a class with fewer samples than its share)."""
-    from torch_pretrain_update.entropy_sampler import EntropySampler
-    from torch_pretrain_update.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
+    from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
+    from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 
     n = len(scen.y_pool)
     sampler: Any
@@ -529,11 +529,11 @@ def select_rounds(
     cfg: DemoConfig,
     fit: Callable[[torch.Tensor], nn.Module],
 ) -> tuple[torch.Tensor, nn.Module]:
-    """Multi-round selection with :class:`~torch_pretrain_update.selection_rounds.SelectionRounds`: score the
+    """Multi-round selection with :class:`~torch_pretrain_update.sampling.rounds.SelectionRounds`: score the
     pool with the current model (entropy), take this round's share (never an index picked before), update the
     *old* model on everything picked so far with ``fit``, repeat. Returns the final picks and the final model,
     which is therefore trained exactly like a one-shot strategy's model, on a selection of the same size."""
-    from torch_pretrain_update.selection_rounds import SelectionRounds
+    from torch_pretrain_update.sampling.rounds import SelectionRounds
 
     fraction = cfg.mix_fraction if strategy == "rounds_mix" else 0.0
     if strategy not in ("rounds_topk", "rounds_mix"):
@@ -594,7 +594,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     try:
         if cfg.data is None:
             manifest = write_digits_shards(out)
-            from torch_pretrain_update.shards import read_manifest
+            from torch_pretrain_update.data.shards import read_manifest
 
             arrays = load_shard_arrays(read_manifest(manifest).urls, label_key="cls", manifest=manifest,
                                        progress=cfg.progress)

@@ -9,7 +9,7 @@ these work::
                           balance_classes(num_classes=10, seed=0), wds.batched(64))
     for sample in with_class_weights(num_classes=10)(iter(samples)): ...
 
-:func:`~torch_pretrain_update.shards.strict_tarfile_to_samples` is the library's drop-in for
+:func:`~torch_pretrain_update.data.shards.strict_tarfile_to_samples` is the library's drop-in for
 ``wds.tarfile_to_samples`` (which ``wds.WebDataset`` uses): webdataset's reader silently loses the rest of a shard
 at a corrupt header or a truncation at a header boundary; the strict one raises naming the shard, or counts it.
 
@@ -48,8 +48,8 @@ import torch
 from webdataset.handlers import reraise_exception
 
 from torch_pretrain_update._checks import check_choice, check_float, check_int, check_vector
-from torch_pretrain_update.scores import SCORE_NAMES, compute_scores
-from torch_pretrain_update.weights import WEIGHT_SCHEMES, class_weights_from_counts
+from torch_pretrain_update.scoring.scores import SCORE_NAMES, compute_scores
+from torch_pretrain_update.scoring.weights import WEIGHT_SCHEMES, class_weights_from_counts
 
 __all__ = [
     "with_class_weights",

@@ -2,8 +2,8 @@
 
 The seed's ``sample_by_entropy`` loops over rows in Python, takes ``np.log`` of zero probabilities (NaN)
 and sorts everything to keep the top ``num_samples``. Here the scores come from
-:mod:`torch_pretrain_update.scores` (vectorised, ``0 ln 0 = 0``) and the plan from
-:func:`torch_pretrain_update.weighted_plans.entropy_plan`: exact top-k (ties by lower index) or power sampling
+:mod:`torch_pretrain_update.scoring.scores` (vectorised, ``0 ln 0 = 0``) and the plan from
+:func:`torch_pretrain_update.sampling.weighted_plans.entropy_plan`: exact top-k (ties by lower index) or power sampling
 ``p_i ∝ score_i ** (1 / temperature)``, optionally mixed with a uniform ``random_fraction``, restricted by
 ``exclude`` and stratified by class. The sampler splits the plan across ranks, resumes exactly under
 ``StatefulDataLoader`` (also after :meth:`EntropySampler.update`), and gives the importance weights that keep
@@ -20,15 +20,15 @@ import numpy as np
 import torch
 
 from torch_pretrain_update._checks import as_tensor, check_bool, check_choice, check_int
-from torch_pretrain_update._sampler_base import PlanSampler
-from torch_pretrain_update.scores import SCORE_NAMES, compute_scores
-from torch_pretrain_update.weighted_plans import (
+from torch_pretrain_update.sampling.base import PlanSampler
+from torch_pretrain_update.sampling.weighted_plans import (
     _check_scores,
     _mixture_probabilities,
     _plan_from_inputs,
     _PlanInputs,
     _validate_plan_args,
 )
+from torch_pretrain_update.scoring.scores import SCORE_NAMES, compute_scores
 
 __all__ = ["EntropySampler"]
 
@@ -57,11 +57,11 @@ class EntropySampler(PlanSampler):
       uncertainty can lose to random selection.
     - ``exclude``: indices (or a bool mask) never to select, e.g. those already labelled.
     - ``stratify``: per-index labels (true or predicted); the score part is split into per-class quotas as in
-      ``StratifiedSampler`` (:func:`torch_pretrain_update.plans.stratified_quotas` over the selectable
+      ``StratifiedSampler`` (:func:`torch_pretrain_update.sampling.plans.stratified_quotas` over the selectable
       indices' class counts, at least ``min_per_class``), and each class contributes its own top-``q_c`` (or
       draw).
 
-    The epoch's global plan is :func:`torch_pretrain_update.weighted_plans.entropy_plan` of ``(scores, ...,
+    The epoch's global plan is :func:`torch_pretrain_update.sampling.weighted_plans.entropy_plan` of ``(scores, ...,
     seed, epoch)``: independent of ranks and DataLoader workers. ``shuffle=False`` gives ascending index
     order.
 

@@ -58,7 +58,7 @@ exactly over readers.
 
 Without a manifest, what cannot be detected: a shard that is a well-formed archive but has lost whole samples
 (rewritten short), a shard missing from ``urls``, and changed contents (the manifest's SHA-256 is checked by
-:func:`~torch_pretrain_update.shards.inspect_shards`, not by the stream). Truncation, corrupt headers, empty or
+:func:`~torch_pretrain_update.data.shards.inspect_shards`, not by the stream). Truncation, corrupt headers, empty or
 unreadable files and bad samples are detected with or without one.
 """
 
@@ -81,8 +81,8 @@ from webdataset.handlers import reraise_exception
 from torch_pretrain_update._checks import _short, check_bool, check_choice, check_float, check_int, check_vector
 from torch_pretrain_update._dist import resolve_replicas, worker_split
 from torch_pretrain_update._rng import epoch_generator
-from torch_pretrain_update.decode import safe_decode
-from torch_pretrain_update.shards import (
+from torch_pretrain_update.data.decode import safe_decode
+from torch_pretrain_update.data.shards import (
     DamagedShardError,
     ShardInfo,
     ShardManifest,
@@ -91,7 +91,7 @@ from torch_pretrain_update.shards import (
     iter_shard_samples,
     parse_label,
 )
-from torch_pretrain_update.stages import BadSampleError, balance_classes, with_class_weights
+from torch_pretrain_update.data.stages import BadSampleError, balance_classes, with_class_weights
 
 __all__ = ["WeightedWebDataset", "stream_stats"]
 
@@ -156,7 +156,7 @@ class WeightedWebDataset(IterableDataset):
             ``manifest``.
         label_key: member holding the integer class label (always required).
         num_classes: number of classes C; labels must be in ``[0, C)``.
-        scheme: class-weight scheme (:func:`~torch_pretrain_update.weights.class_weights`).
+        scheme: class-weight scheme (:func:`~torch_pretrain_update.scoring.weights.class_weights`).
         counts: known class counts for the weights (and the balancing prior); default: the manifest's histogram
             summed over the selected shards, so the weights equal ``class_weights`` of all their labels; without
             either, running counts of the stream (``momentum`` as in ``with_class_weights``).
@@ -172,8 +172,8 @@ class WeightedWebDataset(IterableDataset):
         handler: ``None`` (raise; default) or a webdataset-style handler ``exc -> bool`` for damaged shards and
             bad samples: True skips and counts, False also stops reading the current shard.
         required_keys: members every sample must have (the label key is always required).
-        manifest: path of a manifest from :func:`~torch_pretrain_update.shards.write_shards` (or a
-            :class:`~torch_pretrain_update.shards.ShardManifest`): enables count checks, known class counts and
+        manifest: path of a manifest from :func:`~torch_pretrain_update.data.shards.write_shards` (or a
+            :class:`~torch_pretrain_update.data.shards.ShardManifest`): enables count checks, known class counts and
             ``split="samples"``.
         rank, world_size: this rank and the number of ranks; default from the initialised process group, else
             0 and 1.

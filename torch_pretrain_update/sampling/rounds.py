@@ -5,7 +5,7 @@ Measured on shifted data (issue 9): one-shot top-k by the *old* model's uncertai
 rounds, re-scoring the pool with the updated model each round, matched or beat random, and a half-random,
 half-uncertain mix was best. Hence the defaults here: ``strategy="topk"`` with ``random_fraction=0.5``.
 
-Each round is a plan of :func:`torch_pretrain_update.weighted_plans.entropy_plan_parts` over the pool minus
+Each round is a plan of :func:`torch_pretrain_update.sampling.weighted_plans.entropy_plan_parts` over the pool minus
 everything picked so far (and ``exclude``), seeded by ``(seed, round)``: a pure function of the scores given
 that round, so a run restored from :meth:`SelectionRounds.state_dict` continues with the same picks.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torch_pretrain_update._checks import check_choice, check_float, check_int
-from torch_pretrain_update.weighted_plans import (
+from torch_pretrain_update.sampling.weighted_plans import (
     _check_scores,
     _parts,
     _PlanInputs,

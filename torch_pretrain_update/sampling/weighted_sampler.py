@@ -3,7 +3,7 @@
 ``WeightedRandomSampler`` calls ``torch.multinomial`` over all N weights (refused above 2**24 categories),
 builds a Python list of the whole plan before the first index comes out, has no distributed form, and under
 ``StatefulDataLoader`` resumes to a different stream unless given a generator. ``WeightedSampler`` draws the
-plan in chunks (:func:`torch_pretrain_update.weighted_plans.weighted_draw_chunk`), each a pure function of
+plan in chunks (:func:`torch_pretrain_update.sampling.weighted_plans.weighted_draw_chunk`), each a pure function of
 ``(weights, seed, epoch, chunk)``, so the first index is out after one chunk, any N works, ranks split one
 global plan, and a resume jumps straight to its chunk.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from torch_pretrain_update._checks import check_bool, check_int
-from torch_pretrain_update._sampler_base import PlanSampler
-from torch_pretrain_update.weighted_plans import (
+from torch_pretrain_update.sampling.base import PlanSampler
+from torch_pretrain_update.sampling.weighted_plans import (
     CumulativeWeights,
     _count_positive,
     _index_dtype,
@@ -42,7 +42,7 @@ class WeightedSampler(PlanSampler):
 
     - ``replacement=True``: i.i.d. draws, ``P(i) = w_i / sum(w)``, by inverse CDF on float64 cumulative sums
       (8 bytes per weight, built on the first ``iter()``). The plan is generated lazily in chunks of
-      :data:`~torch_pretrain_update.weighted_plans.DRAW_CHUNK` draws; nothing of size ``num_samples`` is
+      :data:`~torch_pretrain_update.sampling.weighted_plans.DRAW_CHUNK` draws; nothing of size ``num_samples`` is
       stored. ``num_samples`` may exceed N.
     - ``replacement=False``: ``num_samples`` distinct indices by exponential keys (Efraimidis-Spirakis), at
       most the number of positive weights. The epoch's selection is computed on the first ``iter()`` of that

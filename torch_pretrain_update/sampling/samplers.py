@@ -1,7 +1,7 @@
 """Selection and balancing samplers: random subset, class-stratified selection, class-balanced resampling.
 
-Each sampler is a :class:`~torch_pretrain_update._sampler_base.PlanSampler`: its epoch's global plan comes
-from a pure function in :mod:`torch_pretrain_update.plans` of ``(inputs, seed, epoch)``; the base class splits
+Each sampler is a :class:`~torch_pretrain_update.sampling.base.PlanSampler`: its epoch's global plan comes
+from a pure function in :mod:`torch_pretrain_update.sampling.plans` of ``(inputs, seed, epoch)``; the base class splits
 it across ranks like ``DistributedSampler`` and makes it resumable under ``StatefulDataLoader``
 (``state_dict()`` = ``{"epoch", "position"}``, O(1) resume).
 
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from torch_pretrain_update._checks import check_bool, check_labels
-from torch_pretrain_update._sampler_base import PlanSampler
-from torch_pretrain_update.plans import (
+from torch_pretrain_update.sampling.base import PlanSampler
+from torch_pretrain_update.sampling.plans import (
     ClassGroups,
     _check_exclude,
     _check_num_samples,
@@ -48,7 +48,7 @@ class _MaterialisedPlan(PlanSampler):
 class RandomSubsetSampler(_MaterialisedPlan):
     """Samples ``num_samples`` indices of ``range(N)`` uniformly at random, a fresh selection each epoch.
 
-    The plan is :func:`~torch_pretrain_update.plans.random_subset_plan`: without replacement the first
+    The plan is :func:`~torch_pretrain_update.sampling.plans.random_subset_plan`: without replacement the first
     ``num_samples`` of a ``torch.randperm`` of the allowed indices; with replacement i.i.d. ``torch.randint``
     draws, generated lazily in chunks (any ``num_samples``, constant memory). ``shuffle=False`` yields the same
     selection in ascending index order.
@@ -114,11 +114,11 @@ class RandomSubsetSampler(_MaterialisedPlan):
 class StratifiedSampler(_MaterialisedPlan):
     """Class-stratified selection without replacement (the seed's "select by class"), fresh each epoch.
 
-    Per-class quotas from :func:`~torch_pretrain_update.plans.stratified_quotas` (proportional to the class
+    Per-class quotas from :func:`~torch_pretrain_update.sampling.plans.stratified_quotas` (proportional to the class
     sizes of the allowed samples, largest-remainder rounding, ties to the lower class, at least
     ``min_per_class`` from each class that has that many) are fixed at construction (``self.quotas``); each
     epoch picks that many samples of each class uniformly without replacement
-    (:func:`~torch_pretrain_update.plans.stratified_plan`). ``shuffle=False`` yields the same selection in
+    (:func:`~torch_pretrain_update.sampling.plans.stratified_plan`). ``shuffle=False`` yields the same selection in
     ascending index order.
 
     Args:
@@ -182,7 +182,7 @@ class ClassBalancedSampler(PlanSampler):
     Order: with ``shuffle=True`` the classes of the ``C*m`` positions are a uniformly random arrangement and a
     class's copies come in passes (each a fresh random permutation of the class), generated lazily in chunks,
     so the first index comes long before the plan is complete (see
-    :func:`~torch_pretrain_update.plans.class_balanced_plan`). ``shuffle=False`` yields the same multiset class
+    :func:`~torch_pretrain_update.sampling.plans.class_balanced_plan`). ``shuffle=False`` yields the same multiset class
     by class (ascending class id), ascending index within a class, copies of a sample adjacent.
 
     Args:

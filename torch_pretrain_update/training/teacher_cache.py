@@ -2,7 +2,7 @@
 
 Running the teacher on every epoch of a large stream is the main cost of distillation. :func:`write_teacher_outputs`
 runs it once (batched, under ``torch.inference_mode``, with a progress bar) and writes shards (through
-:func:`~torch_pretrain_update.shards.write_shards`, so with a JSON manifest of per-shard counts and checksums)
+:func:`~torch_pretrain_update.data.shards.write_shards`, so with a JSON manifest of per-shard counts and checksums)
 in which every sample carries its original members plus the teacher's output:
 
 =====================================  ===========================================================================
@@ -16,18 +16,18 @@ member                                 content
 =====================================  ===========================================================================
 
 Top-k members store *log-probabilities*, not logits: they keep the total mass of the top k classes, which the
-sparse KD approximation needs (see :class:`~torch_pretrain_update.distill.SparseTeacher`). float16 keeps about 3
+sparse KD approximation needs (see :class:`~torch_pretrain_update.SparseTeacher`). float16 keeps about 3
 significant digits: logits are stored to within a relative 2**-11 (and must stay below 65504 in magnitude; an
 overflow is an error, not a silent inf).
 
 Reading never unpickles: :func:`read_teacher_outputs` reads shards strictly
-(:func:`~torch_pretrain_update.shards.strict_tarfile_to_samples`: damage and, with the manifest, count mismatches
-are errors naming the shard) and decodes members with :func:`~torch_pretrain_update.decode.safe_decode` (``.npy``
+(:func:`~torch_pretrain_update.data.shards.strict_tarfile_to_samples`: damage and, with the manifest, count mismatches
+are errors naming the shard) and decodes members with :func:`~torch_pretrain_update.data.decode.safe_decode` (``.npy``
 with ``allow_pickle=False``; pickle members refused); non-finite stored teacher outputs are errors naming the shard
 and the key. With a skipping handler each of these is skipped and counted in the reader's ``stats``.
 :func:`teacher_targets` turns a decoded sample, a list of them or a DataLoader batch into what :class:`KDLoss`
 takes: a dense tensor or a :class:`SparseTeacher`. The shards work with any WebDataset reader as well; written
-with a label member (``label_key="cls"``), :class:`~torch_pretrain_update.stream.WeightedWebDataset` streams them
+with a label member (``label_key="cls"``), :class:`~torch_pretrain_update.data.stream.WeightedWebDataset` streams them
 from the manifest with class weights, shuffling, rank splitting and resumption.
 """
 
@@ -44,15 +44,15 @@ from torch import nn
 from webdataset.handlers import reraise_exception
 
 from torch_pretrain_update._checks import _short, check_bool, check_int
-from torch_pretrain_update.decode import UNSAFE_EXTENSIONS, SafeDecoder, UnsafeMemberError
-from torch_pretrain_update.distill import SparseTeacher
-from torch_pretrain_update.shards import (
+from torch_pretrain_update.data.decode import UNSAFE_EXTENSIONS, SafeDecoder, UnsafeMemberError
+from torch_pretrain_update.data.shards import (
     ShardManifest,
     expand_urls,
     read_manifest,
     strict_tarfile_to_samples,
     write_shards,
 )
+from torch_pretrain_update.training.distill import SparseTeacher
 
 __all__ = ["write_teacher_outputs", "read_teacher_outputs", "teacher_targets", "TeacherOutputReader"]
 
@@ -541,18 +541,18 @@ def read_teacher_outputs(
 
     Args:
         source: the manifest returned by :func:`write_teacher_outputs` (a ``*.json`` path or a
-            :class:`~torch_pretrain_update.shards.ShardManifest`), whose per-shard sample counts are then
+            :class:`~torch_pretrain_update.data.shards.ShardManifest`), whose per-shard sample counts are then
             checked, or shard urls / a brace pattern (no count check).
         image: webdataset image spec for image members (``"torchrgb8"``, ``"pil"``, ...) or None to keep their
             bytes.
-        handler: webdataset's convention for damaged shards (:func:`~torch_pretrain_update.shards.
+        handler: webdataset's convention for damaged shards (:func:`~torch_pretrain_update.data.shards.
             strict_tarfile_to_samples`) and bad samples (a member that is refused or cannot be decoded, a
             non-finite teacher output): ``reraise_exception`` (default) raises, naming the shard and the key; a
             handler returning True (``warn_and_continue``) skips and counts; False stops.
 
     Returns:
         a :class:`TeacherOutputReader`: an iterator of dicts with ``__key__``, ``__url__`` and every member
-        decoded by :func:`~torch_pretrain_update.decode.safe_decode` (the teacher members are numpy arrays read
+        decoded by :func:`~torch_pretrain_update.data.decode.safe_decode` (the teacher members are numpy arrays read
         with ``allow_pickle=False``; a pickle member raises ``UnsafeMemberError`` and is never unpickled), with
         ``stats`` counting what was skipped. Pass the samples (or a collated batch of them) to
         :func:`teacher_targets`.
@@ -593,7 +593,7 @@ def teacher_targets(
 
     Dense caches give the stored logits as a tensor ((C,), or (B, C) for a batch; float16 by default, which
     ``KDLoss`` accepts next to float32 student logits). Top-k caches give a
-    :class:`~torch_pretrain_update.distill.SparseTeacher` (int64 indices).
+    :class:`~torch_pretrain_update.training.distill.SparseTeacher` (int64 indices).
 
     Example::
 
