@@ -82,7 +82,7 @@ def _step_rows(width: int, depth: int, steps: int, repeat: int) -> list[Result]:
     cases["hand_split"] = _stepper(_hand_built(m, depth, split=True), steps)
     m = copy.deepcopy(base)
     cases["partial_single"] = _stepper(partial_optimizer(m, torch.optim.AdamW, trainable=pats, lr=1e-3,
-                                                         weight_decay=0.05, no_decay=None), steps)
+                                                         weight_decay=0.05, no_decay=False), steps)
     m = copy.deepcopy(base)
     cases["hand_single"] = _stepper(_hand_built(m, depth, split=False), steps)
     # CPU time of this (only) thread: what the step costs, unaffected by other processes on a shared machine.
@@ -92,7 +92,7 @@ def _step_rows(width: int, depth: int, steps: int, repeat: int) -> list[Result]:
     rows = []
     for ours, theirs, label, baseline_name in (
         ("partial_split", "hand_split", "no-decay split (2 groups)", "hand-built AdamW, same 2 groups"),
-        ("partial_single", "hand_single", "no_decay=None (1 group)", "hand-built AdamW, 1 group"),
+        ("partial_single", "hand_single", "no_decay=False (1 group)", "hand-built AdamW, 1 group"),
     ):
         ratio = cpu[ours] / cpu[theirs]
         rows.append(Result(
@@ -125,7 +125,7 @@ def _train_step_row(width: int, depth: int, batch: int, steps: int, repeat: int)
     top = tuple(f"block{i}." for i in range(depth // 2, depth)) + ("head.",)
     seed_opt = torch.optim.SGD([p for n, p in seed_model.named_parameters() if n.startswith(top)], lr=0.01)
     ours_model = copy.deepcopy(base)
-    ours_opt = partial_optimizer(ours_model, torch.optim.SGD, trainable=pats, lr=0.01, no_decay=None)
+    ours_opt = partial_optimizer(ours_model, torch.optim.SGD, trainable=pats, lr=0.01, no_decay=False)
 
     def loop(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
         def run() -> None:

@@ -34,7 +34,7 @@ def build(seed: int):
         pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), head=nn.Linear(16, 4)))
     opt = partial_optimizer(model, torch.optim.AdamW, trainable="head.*", lr=3e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.97 ** step)
-    gu = GradualUnfreezing(model, opt, STAGES, schedulers=[sched], lr_factor=1 / 2.6, no_decay=("bias", "norm"))
+    gu = GradualUnfreezing(model, opt, STAGES, schedulers=[sched], lr_factor=1 / 2.6)
     return model, opt, sched, gu
 
 

@@ -245,7 +245,7 @@ def test_kd_no_grad_path_gives_same_value():
 
 def test_kd_many_blocks_equals_one_block(monkeypatch):
     """The fused kernel works block by block; the block size must not change the result."""
-    import torch_pretrain_update.training.distill as D
+    import torch_pretrain_update.training._kernels as D
 
     zs, zt, y = make(B=37, C=9, seed=13)
     w = np.random.default_rng(1).random(37)

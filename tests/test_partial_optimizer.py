@@ -32,7 +32,7 @@ class Net(nn.Module):
 ALL = ["cls_token", "embed.weight", "embed.bias", "block0.fc.weight", "block0.fc.bias", "block0.norm.weight",
        "block0.norm.bias", "block1.fc.weight", "block1.fc.bias", "block1.bn.weight", "block1.bn.bias",
        "head.weight", "head.bias"]
-# Written out by hand from the documented rules ("bias"/"norm" substrings, normalisation layers, 1-D biases).
+# Written out by hand from the documented rule (every parameter with ndim <= 1).
 NO_DECAY = {"embed.bias", "block0.fc.bias", "block0.norm.weight", "block0.norm.bias", "block1.fc.bias",
             "block1.bn.weight", "block1.bn.bias", "head.bias"}
 DEPTH = {"cls_token": 4, "embed": 3, "block0": 2, "block1": 1, "head": 0}  # from the top, default layers
@@ -96,7 +96,7 @@ def test_custom_layers():
     model = Net()
     layers = ["cls_token", "embed.*", ["block0.*", "block1.*"], "head.*"]
     opt = partial_optimizer(model, torch.optim.SGD, trainable="*", lr=1.0, layer_decay=0.5, layers=layers,
-                            no_decay=None)
+                            no_decay=False)
     owner = group_of(opt)
     depth = {"cls_token": 3, "embed": 2, "block0": 1, "block1": 1, "head": 0}
     for name, p in model.named_parameters():
@@ -104,7 +104,7 @@ def test_custom_layers():
     assert len(opt.param_groups) == 4  # one per layer, no no-decay split
     # first matching entry wins: "*" first puts everything at the bottom
     opt = partial_optimizer(model, torch.optim.SGD, trainable="*", lr=1.0, layer_decay=0.5,
-                            layers=["*", "head.*"], no_decay=None)
+                            layers=["*", "head.*"], no_decay=False)
     assert [g["lr"] for g in opt.param_groups] == [0.5]
 
 
@@ -130,22 +130,25 @@ def test_no_decay_matching_rules():
         owner = group_of(opt)
         return {n for n, p in names.items() if owner[id(p)]["weight_decay"] == 0.0}
 
-    assert nodecay() == NO_DECAY
-    # glob entries match the whole name (fnmatchcase); plain entries are case-insensitive substrings
-    structural = {"embed.bias", "block0.fc.bias", "block0.norm.weight", "block0.norm.bias", "block1.fc.bias",
-                  "block1.bn.weight", "block1.bn.bias", "head.bias"}
-    assert nodecay(no_decay=("zzz",)) == structural  # norm layers and 1-D biases whatever the entries
-    assert nodecay(no_decay="block0.*") == structural | {"block0.fc.weight"}
-    assert nodecay(no_decay=["CLS"]) == structural | {"cls_token"}
-    assert nodecay(no_decay=["cls"]) == structural | {"cls_token"}
-    assert nodecay(no_decay="*Token") == structural  # globs are case-sensitive
-    assert nodecay(no_decay=None) == set()
-    assert nodecay(no_decay=()) == set()
+    assert nodecay() == NO_DECAY == nodecay(no_decay=True)
+    # patterns are globs on the whole name (fnmatchcase), added to the ndim <= 1 rule
+    assert nodecay(no_decay="block0.*") == NO_DECAY | {"block0.fc.weight"}
+    assert nodecay(no_decay=["cls_token"]) == NO_DECAY | {"cls_token"}
+    assert nodecay(no_decay=["*_token", "head.weight"]) == NO_DECAY | {"cls_token", "head.weight"}
+    assert nodecay(no_decay=False) == set()
+    with pytest.raises(ValueError, match=r"no_decay: pattern 'cls' matches no parameter name.*'\*cls\*'"):
+        nodecay(no_decay=["cls"])  # not a substring
+    with pytest.raises(ValueError, match=r"no_decay: pattern '\*Token' matches no parameter"):
+        nodecay(no_decay="*Token")  # case-sensitive
+    with pytest.raises(TypeError, match="no_decay must be True.*got None"):
+        nodecay(no_decay=None)
+    with pytest.raises(ValueError, match="no_decay must contain at least one pattern"):
+        nodecay(no_decay=())
 
 
 def test_no_decay_mha_in_proj_bias_and_rmsnorm():
     model = nn.Sequential(OrderedDict(attn=nn.MultiheadAttention(8, 2), norm=nn.RMSNorm(8)))
-    opt = partial_optimizer(model, torch.optim.AdamW, trainable="*", lr=0.1, weight_decay=0.3, no_decay=("x",))
+    opt = partial_optimizer(model, torch.optim.AdamW, trainable="*", lr=0.1, weight_decay=0.3)
     owner = group_of(opt)
     got = {n for n, p in model.named_parameters() if owner[id(p)]["weight_decay"] == 0.0}
     assert got == {"attn.in_proj_bias", "attn.out_proj.bias", "norm.weight"}
@@ -160,7 +163,7 @@ def test_optimizer_without_weight_decay_is_not_split():
 def test_default_lr_is_scaled_when_lr_not_given():
     model = Net()
     opt = partial_optimizer(model, torch.optim.Adam, trainable=["block1.*", "head.*"], layer_decay=0.5,
-                            no_decay=None)
+                            no_decay=False)
     assert [g["lr"] for g in opt.param_groups] == [0.0005, 0.001]  # Adam's default lr is 1e-3
 
 

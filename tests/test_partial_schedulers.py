@@ -60,7 +60,8 @@ def lr_track(name: str, ratio: float, unfreeze_at: int, steps: int, incremental:
         if incremental and step == unfreeze_at:
             # lr is the new group's *base* lr: what the schedule scales (initial_lr; OneCycle/CyclicLR set it)
             base = opt.param_groups[0]["initial_lr"]
-            unfreeze(model, "low.*", optimizer=opt, lr=None if ratio == 1.0 else base * ratio, schedulers=[sched])
+            unfreeze(model, "low.*", optimizer=opt, lr=None if ratio == 1.0 else base * ratio, schedulers=[sched],
+                     no_decay=False)
             assert len(sched.get_last_lr()) == 2
         if step >= unfreeze_at:
             out.append([(g["lr"], g["momentum"]) for g in opt.param_groups])
@@ -106,7 +107,7 @@ def test_reduce_lr_on_plateau(min_lr):
     for m in (1.0, 2.0, 2.0):  # two bad epochs -> two reductions
         sched.step(m)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
-    unfreeze(model, "low.*", optimizer=opt, lr=0.04, schedulers=[sched])
+    unfreeze(model, "low.*", optimizer=opt, lr=0.04, schedulers=[sched], no_decay=False)
     assert opt.param_groups[1]["lr"] == 0.04 and sched.get_last_lr()[1] == 0.04
     assert sched.min_lrs == [0.001, 0.001]
     for m in (3.0, 3.0):
@@ -124,7 +125,7 @@ def test_default_lr_is_first_groups_base_lr_and_fresh_state():
     x = torch.randn(4, 2)
     model(x).sum().backward()
     opt.step()
-    names = unfreeze(model, "low.*", optimizer=opt)
+    names = unfreeze(model, "low.*", optimizer=opt, no_decay=False)
     assert names == ["low.weight", "low.bias"]
     g = opt.param_groups[1]
     assert g["params"][0] is model.low.weight and g["params"][1] is model.low.bias
@@ -147,7 +148,7 @@ def test_unfreeze_into_an_optimizer_built_with_names():
     except TypeError:  # torch < 2.6 takes no named parameters
         pytest.skip("this torch's optimizers do not take named parameters")
     assert opt.param_groups[0]["param_names"] == ["top.weight", "top.bias"]
-    unfreeze(model, "low.*", optimizer=opt)
+    unfreeze(model, "low.*", optimizer=opt, no_decay=False)
     assert opt.param_groups[1]["param_names"] == ["low.weight", "low.bias"]
     assert opt.state_dict()["param_groups"][1]["param_names"] == ["low.weight", "low.bias"]
 
@@ -155,7 +156,7 @@ def test_unfreeze_into_an_optimizer_built_with_names():
 def test_unfreeze_no_decay_split():
     model = nn.Sequential(OrderedDict(low=nn.Linear(2, 4), norm=nn.LayerNorm(4), top=nn.Linear(4, 2)))
     opt = partial_optimizer(model, torch.optim.AdamW, trainable="top.*", lr=0.01, weight_decay=0.2)
-    unfreeze(model, ["low.*", "norm.*"], optimizer=opt, lr=0.004, no_decay=("bias", "norm"))
+    unfreeze(model, ["low.*", "norm.*"], optimizer=opt, lr=0.004)  # the default split: ndim <= 1
     layout = [([n for n, p in model.named_parameters() if any(p is q for q in g["params"])],
                g["lr"], g["weight_decay"]) for g in opt.param_groups]
     assert layout == [
@@ -202,7 +203,7 @@ STAGES = [["mid.*", "bn2.*"], ["conv.*", "bn.*"]]
 
 def test_gradual_unfreezing_stages_lrs_and_bn():
     model = conv_model(0)
-    opt = partial_optimizer(model, torch.optim.SGD, trainable="head.*", lr=0.26, momentum=0.9, no_decay=None)
+    opt = partial_optimizer(model, torch.optim.SGD, trainable="head.*", lr=0.26, momentum=0.9, no_decay=False)
     gu = GradualUnfreezing(model, opt, STAGES, lr_factor=1 / 2.6)
     assert gu.num_stages == 2 and gu.state_dict() == {"stage": 0, "num_stages": 2, "groups_added": []}
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
@@ -243,8 +244,8 @@ def test_gradual_unfreezing_argument_errors():
         gu.load_state_dict({"stage": 5, "num_stages": 2, "groups_added": [1] * 5})
     with pytest.raises(ValueError, match="lacks key"):
         gu.load_state_dict({"stage": 1})
-    with pytest.raises(ValueError, match=r"groups_added'\]=\[2\] but replaying the stages added \[1\]"):
-        gu.load_state_dict({"stage": 1, "num_stages": 2, "groups_added": [2]})  # saved run was built otherwise
+    with pytest.raises(ValueError, match=r"groups_added'\]=\[1\] but replaying the stages added \[2\]"):
+        gu.load_state_dict({"stage": 1, "num_stages": 2, "groups_added": [1]})  # saved run was built otherwise
     assert gu.stage == 1  # the replay happened before the mismatch showed
     with pytest.raises(ValueError, match="never re-frozen"):
         gu.load_state_dict({"stage": 0, "num_stages": 2, "groups_added": []})
@@ -265,7 +266,7 @@ def build(sched_name: str, seed: int):
     opt = partial_optimizer(model, torch.optim.AdamW, trainable="head.*", lr=0.01, weight_decay=0.05,
                             layer_decay=0.5)
     sched = RESUME_SCHEDULERS[sched_name](opt)
-    gu = GradualUnfreezing(model, opt, STAGES, schedulers=[sched], lr_factor=1 / 2.6, no_decay=("bias", "norm"))
+    gu = GradualUnfreezing(model, opt, STAGES, schedulers=[sched], lr_factor=1 / 2.6)
     return model, opt, sched, gu
 
 

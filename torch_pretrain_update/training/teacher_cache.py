@@ -52,7 +52,7 @@ from torch_pretrain_update.data.shards import (
     strict_tarfile_to_samples,
     write_shards,
 )
-from torch_pretrain_update.training.distill import SparseTeacher
+from torch_pretrain_update.training.sparse_teacher import SparseTeacher
 
 __all__ = ["write_teacher_outputs", "read_teacher_outputs", "teacher_targets", "TeacherOutputReader"]
 
@@ -536,6 +536,7 @@ def read_teacher_outputs(
     *,
     image: Optional[str] = None,
     handler: Callable[[BaseException], Any] = reraise_exception,
+    allow_unsafe_urls: bool = False,
 ) -> TeacherOutputReader:
     """Read cached teacher shards in order, strictly and without unpickling; yield decoded samples.
 
@@ -549,6 +550,9 @@ def read_teacher_outputs(
             strict_tarfile_to_samples`) and bad samples (a member that is refused or cannot be decoded, a
             non-finite teacher output): ``reraise_exception`` (default) raises, naming the shard and the key; a
             handler returning True (``warn_and_continue``) skips and counts; False stops.
+        allow_unsafe_urls: read the manifest with ``read_manifest(..., allow_unsafe_urls=True)`` (urls that are
+            not files inside its folder, ``pipe:`` commands included): only for a manifest you trust. By default
+            such a manifest is refused with ``ValueError``.
 
     Returns:
         a :class:`TeacherOutputReader`: an iterator of dicts with ``__key__``, ``__url__`` and every member
@@ -570,8 +574,8 @@ def read_teacher_outputs(
     manifest = None
     if isinstance(source, ShardManifest):
         manifest = source
-    elif isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".json"):
-        manifest = read_manifest(source)
+    elif isinstance(source, (str, os.PathLike)) and (os.fspath(source).endswith(".json") or os.path.isdir(source)):
+        manifest = read_manifest(source, allow_unsafe_urls=allow_unsafe_urls)  # a directory: names the file to pass
     urls = manifest.urls if manifest is not None else expand_urls(source)
     return TeacherOutputReader(urls, manifest, image, handler)
 
