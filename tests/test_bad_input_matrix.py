@@ -41,7 +41,9 @@ from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
 from torch_pretrain_update.scoring.scores import compute_scores, entropy, least_confidence, margin
 from torch_pretrain_update.scoring.weights import class_weights, class_weights_from_counts, sample_weights
 from torch_pretrain_update.training.distill import DKDLoss, FeatureHintLoss, KDLoss, PseudoLabelLoss
-from torch_pretrain_update.training.partial import GradualUnfreezing, freeze, partial_optimizer, unfreeze
+from torch_pretrain_update.training.freeze import freeze, unfreeze
+from torch_pretrain_update.training.gradual import GradualUnfreezing
+from torch_pretrain_update.training.optim import partial_optimizer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -205,7 +205,7 @@ def test_stage_with_skipping_handler_counts_refusals(tmp_path):
     dec = safe_decode(handler=wds.ignore_and_continue)
     pipe = wds.DataPipeline(wds.SimpleShardList(url), wds.tarfile_to_samples(), dec)
     assert [s["cls"] for s in pipe] == [0, 1, 2, 3, 4]
-    assert dec.stats == {"seen": 7, "decoded": 5, "skipped": 2, "unsafe": 1}
+    assert dec.stats == {"seen": 7, "decoded": 5, "skipped": 2, "unsafe": 1, "oversized": 0}
     assert not os.path.exists(marker)
     # .compose() on the fluid interface works the same way
     dec2 = safe_decode(handler=wds.ignore_and_continue)

@@ -34,7 +34,8 @@ from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, Random
 from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
 from torch_pretrain_update.scoring.distributed import broadcast_seed, score_dataset, score_shares
 from torch_pretrain_update.training.distill import KDLoss
-from torch_pretrain_update.training.partial import FrozenCheck, partial_optimizer
+from torch_pretrain_update.training.freeze import FrozenCheck
+from torch_pretrain_update.training.optim import partial_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_DEADLINE_S = 150

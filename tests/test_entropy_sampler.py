@@ -325,7 +325,7 @@ def test_resume_without_reapplying_update_is_a_clear_error():
     assert head + list(fresh) == list(s)
     other_settings = EntropySampler(PROBS_A, 30, seed=1)
     other_settings.update(PROBS_B)
-    with pytest.raises(ValueError, match="plan_fingerprint"):
+    with pytest.raises(ValueError, match="an EntropySampler with seed=0; this one has seed=1"):
         other_settings.load_state_dict(state)
     with pytest.raises(ValueError, match="state is missing key 'plan_fingerprint'"):
         fresh.load_state_dict({"epoch": 0, "position": 0})

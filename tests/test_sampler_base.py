@@ -81,7 +81,7 @@ def test_resume_at_every_position(cls, world, rank, drop_last):
         it = iter(s)
         head = [next(it) for _ in range(k)]
         state = json.loads(json.dumps(s.state_dict()))
-        assert state == {"epoch": 4, "position": k}
+        assert state == {"epoch": 4, "position": k, "config": s._config()}
         t = cls(13, seed=2, num_replicas=world, rank=rank, drop_last=drop_last)
         t.load_state_dict(state)
         t.set_epoch(4)  # the same epoch keeps the pending position
@@ -96,6 +96,11 @@ def test_set_epoch_to_another_epoch_drops_a_pending_position():
     fresh = _Perm(10, seed=0)
     fresh.set_epoch(3)
     assert list(s) == list(fresh)
+    # A state of an earlier epoch loaded into a sampler already at a later one (what StatefulDataLoader does
+    # after the resumed loop's set_epoch(e + 1)): epoch 2 counts as finished, epoch 3 runs whole.
+    s.load_state_dict({"epoch": 2, "position": 10})
+    assert list(s) == list(fresh)
+    s.set_epoch(2)  # back at the state's epoch: the state wins
     s.load_state_dict({"epoch": 2, "position": 10})  # at the end: nothing left this epoch
     assert list(s) == []
     with pytest.raises(ValueError, match=r"state\['position'\] must be <= 10; got 99"):

@@ -251,7 +251,8 @@ def test_strict_source_equals_webdataset_on_healthy_shards(tmp_path):
         assert [s["__key__"] for s in strict] == keys
         assert [{k: s[k] for k in sorted(s) if k != "__local_path__"} for s in plain] == strict  # same bytes
         assert {k: v for k, v in source.stats.items() if k != "events"} == {
-            "shards": 3, "samples": 30, "damaged_shards": 0, "lost_samples": 0}
+            "shards": 3, "samples": 30, "damaged_shards": 0, "lost_samples": 0, "malformed_samples": 0,
+            "oversized": 0}
     # .compose and a second pass: counts add up over passes
     source = strict_tarfile_to_samples(manifest=read_manifest(man))
     pipe = wds.DataPipeline(wds.SimpleShardList(urls)).compose(source)

@@ -311,6 +311,9 @@ def test_load_state_dict_checks_its_input():
     with pytest.raises(ValueError, match=r"state\['counts'\] must be 3 finite non-negative"):
         stage.load_state_dict(bad)
     other = balance_classes(num_classes=3, seed=1).state_dict()
+    with pytest.raises(ValueError, match=r"a BalanceStage with seed=1; this one has seed=2"):
+        balance_classes(num_classes=3, seed=2).load_state_dict(other)
+    del other["config"]  # a state saved before configs were recorded: the stage's own seed check still applies
     with pytest.raises(ValueError, match=r"state\['seed'\]=1 does not match this stage's seed=2"):
         balance_classes(num_classes=3, seed=2).load_state_dict(other)
 

@@ -33,7 +33,8 @@ from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
 from torch_pretrain_update.sampling.rounds import SelectionRounds
 from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
-from torch_pretrain_update.training.partial import GradualUnfreezing, partial_optimizer
+from torch_pretrain_update.training.gradual import GradualUnfreezing
+from torch_pretrain_update.training.optim import partial_optimizer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -213,8 +214,7 @@ def _unfreezing() -> tuple[nn.Module, torch.optim.Optimizer, Any, GradualUnfreez
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = partial_optimizer(model, torch.optim.SGD, trainable="5.*", lr=0.1, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    gu = GradualUnfreezing(model, opt, [["3.*"], ["0.*", "1.*"]], schedulers=[sched], lr_factor=0.5,
-                           no_decay=["bias"])
+    gu = GradualUnfreezing(model, opt, [["3.*"], ["0.*", "1.*"]], schedulers=[sched], lr_factor=0.5)
     return model, opt, sched, gu
 
 

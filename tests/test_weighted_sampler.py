@@ -186,7 +186,7 @@ def test_resume_is_o1_no_chunk_before_the_position_is_drawn(small_chunks, monkey
     rest = list(s2)
     assert rest == full[4000:]
     assert calls[0] == (4000 * 2 + 1) // 32  # starts at the chunk holding plan position 8001
-    assert s2.state_dict() == {"epoch": 0, "position": 5000}
+    assert {k: v for k, v in s2.state_dict().items() if k != "config"} == {"epoch": 0, "position": 5000}
 
 
 # ----- bad input --------------------------------------------------------------------------------------------

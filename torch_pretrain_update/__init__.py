@@ -5,11 +5,13 @@ updates and distillation losses. Every public name is re-exported here; each mod
 """
 
 from torch_pretrain_update.data import decode as _decode
+from torch_pretrain_update.data import shard_dataset as _shard_dataset
 from torch_pretrain_update.data import shards as _shards
 from torch_pretrain_update.data import stages as _stages
 from torch_pretrain_update.data import stream as _stream
 from torch_pretrain_update.data import weighted_dataset as _weighted_dataset
 from torch_pretrain_update.data.decode import *  # noqa: F403
+from torch_pretrain_update.data.shard_dataset import *  # noqa: F403
 from torch_pretrain_update.data.shards import *  # noqa: F403
 from torch_pretrain_update.data.stages import *  # noqa: F403
 from torch_pretrain_update.data.stream import *  # noqa: F403
@@ -33,15 +35,25 @@ from torch_pretrain_update.scoring.distributed import *  # noqa: F403
 from torch_pretrain_update.scoring.scores import *  # noqa: F403
 from torch_pretrain_update.scoring.weights import *  # noqa: F403
 from torch_pretrain_update.training import distill as _distill
-from torch_pretrain_update.training import partial as _partial
+from torch_pretrain_update.training import freeze as _freeze
+from torch_pretrain_update.training import functional as _functional
+from torch_pretrain_update.training import gradual as _gradual
+from torch_pretrain_update.training import optim as _optim
+from torch_pretrain_update.training import sparse_teacher as _sparse_teacher
 from torch_pretrain_update.training import teacher_cache as _teacher_cache
 from torch_pretrain_update.training.distill import *  # noqa: F403
-from torch_pretrain_update.training.partial import *  # noqa: F403
+from torch_pretrain_update.training.freeze import *  # noqa: F403
+from torch_pretrain_update.training.functional import *  # noqa: F403
+from torch_pretrain_update.training.gradual import *  # noqa: F403
+from torch_pretrain_update.training.optim import *  # noqa: F403
+from torch_pretrain_update.training.sparse_teacher import *  # noqa: F403
 from torch_pretrain_update.training.teacher_cache import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_partial.__all__, *_weighted_plans.__all__,
+__all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_freeze.__all__, *_optim.__all__,
+           *_gradual.__all__, *_weighted_plans.__all__,
            *_weighted_sampler.__all__, *_entropy_sampler.__all__, *_decode.__all__, *_stages.__all__,
-           *_weighted_dataset.__all__, *_distill.__all__, *_teacher_cache.__all__, *_plans.__all__, *_samplers.__all__,
-           *_shards.__all__, *_stream.__all__, *_selection_rounds.__all__]
+           *_weighted_dataset.__all__, *_distill.__all__, *_functional.__all__,
+           *_sparse_teacher.__all__, *_teacher_cache.__all__, *_plans.__all__, *_samplers.__all__,
+           *_shards.__all__, *_shard_dataset.__all__, *_stream.__all__, *_selection_rounds.__all__]

@@ -19,8 +19,16 @@ ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
 
 __all__: list[str] = []  # private module
 
+#: The most classes a per-class array indexed by class id (class weights, class counts) may have: 2**24 (128 MiB
+#: of int64 counts). Where such an array is sized by the largest label, a label >= MAX_CLASSES is refused with an
+#: error naming it (instead of a MemoryError); code that only groups samples by label compacts the labels
+#: (:func:`compact_labels`) and takes any non-negative int64 label.
+MAX_CLASSES = 1 << 24
 
-def _short(value: Any) -> str:
+_INT64_MAX = (1 << 63) - 1
+
+
+def short_repr(value: Any) -> str:
     """A short repr for error messages (tensors and arrays are summarised, not dumped)."""
     if isinstance(value, torch.Tensor):
         return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
@@ -33,14 +41,14 @@ def _short(value: Any) -> str:
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {allowed}; got {_short(value)}")
+        raise ValueError(f"{name} must be one of {allowed}; got {short_repr(value)}")
     return value
 
 
 def check_int(value: Any, name: str, *, min_value: int | None = None, max_value: int | None = None) -> int:
     """An integer (bools refused) within ``[min_value, max_value]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {_short(value)} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be an int; got {short_repr(value)} of type {type(value).__name__}")
     value = int(value)
     if min_value is not None and value < min_value:
         raise ValueError(f"{name} must be >= {min_value}; got {value}")
@@ -60,7 +68,7 @@ def check_float(
 ) -> float:
     """A finite real number within the given bounds."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {_short(value)} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number; got {short_repr(value)} of type {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
@@ -75,7 +83,7 @@ def check_float(
 
 def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool; got {_short(value)} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool; got {short_repr(value)} of type {type(value).__name__}")
     return bool(value)
 
 
@@ -85,16 +93,20 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
         return value
     if isinstance(value, np.ndarray):
         if value.dtype == object:
-            raise TypeError(f"{name} must be a numeric array; got an object array {_short(value)}")
+            raise TypeError(f"{name} must be a numeric array; got an object array {short_repr(value)}")
         if not value.flags.writeable:
             # torch.from_numpy warns on read-only arrays (e.g. np.load(mmap_mode="r")); copy instead.
             return torch.tensor(value)
         return torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, (list, tuple, range)):
         try:
-            return torch.as_tensor(value)
+            t = torch.as_tensor(value)
+            if t.dtype == torch.float32:
+                # Python floats are float64: torch's default float32 would turn 1e308 into inf and 1e-320 into 0
+                t = torch.as_tensor(value, dtype=torch.float64)
+            return t
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{name} must be a sequence of numbers; got {_short(value)}") from exc
+            raise TypeError(f"{name} must be a sequence of numbers; got {short_repr(value)}") from exc
     raise TypeError(
         f"{name} must be a torch.Tensor, numpy.ndarray or sequence; got {type(value).__name__}"
     )
@@ -104,10 +116,10 @@ def check_matrix(x: Any, name: str, *, min_cols: int = 2) -> torch.Tensor | np.n
     """A 2-D float matrix (N >= 1, C >= ``min_cols``). Returned as given (tensor or ndarray, no copy)."""
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
-            raise TypeError(f"{name} must have a floating dtype; got {_short(x)}")
+            raise TypeError(f"{name} must have a floating dtype; got {short_repr(x)}")
     elif isinstance(x, torch.Tensor):
         if not x.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype; got {_short(x)}")
+            raise TypeError(f"{name} must have a floating dtype; got {short_repr(x)}")
     else:
         raise TypeError(f"{name} must be a 2-D torch.Tensor or numpy.ndarray; got {type(x).__name__}")
     if x.ndim != 2:
@@ -137,7 +149,7 @@ def check_vector(
     when already float64)."""
     t = as_tensor(x, name)
     if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must be real numbers; got {_short(t)}")
+        raise TypeError(f"{name} must be real numbers; got {short_repr(t)}")
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
     if t.numel() == 0 and not allow_empty:
@@ -159,27 +171,100 @@ def check_vector(
     return t
 
 
-def check_labels(labels: Any, name: str = "labels", *, num_classes: int | None = None) -> tuple[torch.Tensor, int]:
-    """A 1-D int64 label tensor with values in ``[0, num_classes)``; returns ``(labels, num_classes)``."""
+def check_num_classes(value: Any, name: str = "num_classes") -> int:
+    """A number of classes for a per-class array: an int in ``[1, MAX_CLASSES]``."""
+    return check_int(value, name, min_value=1, max_value=MAX_CLASSES)
+
+
+def _check_unsigned_range(t: torch.Tensor, name: str) -> None:
+    """Refuse uint64 values above int64's maximum: cast to int64 they would read as negative numbers."""
+    if t.dtype == torch.uint64:
+        big = t.view(torch.int64) < 0  # the same bits as int64: values >= 2**63 have the sign bit set
+        if bool(big.any()):
+            i = first_bad_row(big)
+            raise ValueError(f"{name} must be <= {_INT64_MAX} (int64); got {int(t[i].item())} at index {i}")
+
+
+def check_labels(
+    labels: Any,
+    name: str = "labels",
+    *,
+    num_classes: int | None = None,
+    max_classes: int | None = MAX_CLASSES,
+) -> tuple[torch.Tensor, int]:
+    """A 1-D int64 label tensor with values ``>= 0``; returns ``(labels, num_classes)``.
+
+    Every entry point that takes labels validates them here: integer dtype, 1-D, not empty, no negative value,
+    and no uint64 value above int64's maximum (reported with its actual value, not the negative number a cast
+    would give).
+
+    Args:
+        labels: tensor, ndarray or sequence of integers.
+        name: the argument's name in error messages.
+        num_classes: if given, every label must be below it; else it is ``max(labels) + 1``.
+        max_classes: the bound on ``num_classes`` (default :data:`MAX_CLASSES`), for callers that size a
+            per-class array by it: a larger label (or ``num_classes``) is a ``ValueError`` naming it. ``None``
+            for callers that only group samples by label (see :func:`compact_labels`): any int64 label is then
+            allowed.
+
+    Raises:
+        TypeError: not integers.
+        ValueError: empty, not 1-D, a negative label, a uint64 label above int64's maximum, a label not below
+            ``num_classes``, or ``num_classes`` above ``max_classes``.
+    """
     t = as_tensor(labels, name)
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{name} must have an integer dtype; got {_short(t)}")
+        raise TypeError(f"{name} must have an integer dtype; got {short_repr(t)}")
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
+    _check_unsigned_range(t, name)
     t = t.detach().to(device="cpu", dtype=torch.int64)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0:
         i = first_bad_row(t < 0)
         raise ValueError(f"{name} must be >= 0; got {lo} at index {i}")
     if num_classes is None:
+        if max_classes is not None and hi >= max_classes:
+            i = first_bad_row(t >= max_classes)
+            raise ValueError(
+                f"{name} must be < {max_classes} when num_classes is not given (per-class arrays are indexed by "
+                f"label, so a label is a class id); got {int(t[i])} at index {i}. Relabel the classes as "
+                "0..C-1 (e.g. torch.unique(labels, return_inverse=True)[1])"
+            )
         num_classes = hi + 1
     else:
-        num_classes = check_int(num_classes, "num_classes", min_value=1)
+        num_classes = check_int(num_classes, "num_classes", min_value=1, max_value=max_classes)
         if hi >= num_classes:
             i = first_bad_row(t >= num_classes)
             raise ValueError(
                 f"{name} must be < num_classes={num_classes}; got {int(t[i])} at index {i}"
             )
     return t, num_classes
+
+
+def compact_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, classes)``: the distinct label values in ascending order (``classes``) and each sample's position
+    among them (``ids``, int64 in ``[0, len(classes))``), i.e. ``torch.unique(labels, return_inverse=True)``
+    swapped. Classes are the label values present, as in imbalanced-learn; nothing is sized by the largest label.
+
+    Args:
+        labels: 1-D non-negative int64 labels, already checked by :func:`check_labels`.
+
+    Example::
+
+        >>> compact_labels(torch.tensor([7, 10**12, 7]))
+        (tensor([0, 1, 0]), tensor([            7, 1000000000000]))
+    """
+    hi = int(labels.max())
+    if hi < max(1 << 16, 2 * labels.numel()):
+        # small range: a bincount and a gather, no sort (and no copy when every class 0..hi is present)
+        classes = torch.nonzero(torch.bincount(labels, minlength=hi + 1)).flatten()
+        if classes.numel() == hi + 1:
+            return labels, classes
+        lut = torch.zeros(hi + 1, dtype=torch.int64)
+        lut[classes] = torch.arange(classes.numel())
+        return lut[labels], classes
+    classes, ids = torch.unique(labels, sorted=True, return_inverse=True)
+    return ids, classes

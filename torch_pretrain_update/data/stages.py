@@ -29,8 +29,13 @@ how many outputs of the input in progress were already emitted (``balance_classe
 samples of ``select_by_entropy``; 0 for the one-to-one stages, which commit before they yield). After
 ``load_state_dict(state)`` (and ``set_epoch`` with the same epoch, in either order) the next pass must be fed the
 pass's inputs from number ``position`` on (``select_by_entropy``: from the start); the stage skips the
-``partial`` outputs already emitted. Randomness is a pure function of ``(seed, epoch, position or __key__)``
-(never a global or long-lived generator), so the resumed stream is exactly the unbroken one.
+``partial`` outputs already emitted. A state of epoch ``e`` loaded into a stage already set to a later epoch
+(``set_epoch(e + 1)`` first, as a ``StatefulDataLoader`` that applies a loaded state at the next ``iter`` does)
+counts as a finished pass: the running estimates and ``stats`` are restored, the next pass starts at position 0.
+The state's ``config`` records the stage's options; a stage built with other options refuses it (``ValueError``
+naming them); a state without it (an earlier version) is loaded unchecked. Randomness is a pure function of
+``(seed, epoch, position or __key__)`` (never a global or long-lived generator), so the resumed stream is exactly
+the unbroken one.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ import numpy as np
 import torch
 from webdataset.handlers import reraise_exception
 
-from torch_pretrain_update._checks import check_choice, check_float, check_int, check_vector
+from torch_pretrain_update._checks import check_choice, check_float, check_int, check_num_classes, check_vector
+from torch_pretrain_update._state import check_config, tensor_digest
 from torch_pretrain_update.scoring.scores import SCORE_NAMES, compute_scores
 from torch_pretrain_update.scoring.weights import WEIGHT_SCHEMES, class_weights_from_counts
 
@@ -205,32 +211,54 @@ class _Stage:
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def _config(self) -> dict[str, Any]:
+        """The options the stage's output depends on (plain values); recorded in the state, compared on load."""
+        return {"type": type(self).__name__}
+
+    def _digest(self, name: str, values: Any) -> Optional[str]:
+        """Hash of a fixed per-class vector (None stays None), computed once: state_dict() runs per shard."""
+        cache = self.__dict__.setdefault("_digests", {})
+        if name not in cache:
+            cache[name] = None if values is None else tensor_digest(torch.as_tensor(values, dtype=torch.float64))
+        return cache[name]
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable state: ``epoch``, ``position``, ``partial``, ``stats`` and stage estimates."""
+        """Plain, JSON-serialisable state: ``epoch``, ``position``, ``partial``, ``stats``, stage estimates and
+        ``config``."""
         return {
             "epoch": self.epoch,
             "position": self.position,
             "partial": self.partial,
             "stats": dict(self.stats),
             **self._extra_state(),
+            "config": self._config(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict` (after ``json.loads`` too)."""
+        """Restore a state from :meth:`state_dict` (after ``json.loads`` too); see the module docstring for a
+        state of an earlier epoch than the stage's. Raises ``ValueError`` for a state of a stage built with other
+        options (the message names them)."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
-        expected = set(self.state_dict())
+        expected = set(self.state_dict()) - {"config"}  # a state saved before configs were recorded still loads
         missing = expected - set(state)
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)} (expected {sorted(expected)})")
-        self.epoch = check_int(state["epoch"], "state['epoch']", min_value=0)
-        self.position = check_int(state["position"], "state['position']", min_value=0)
-        self.partial = check_int(state["partial"], "state['partial']", min_value=0)
+        check_config(state.get("config"), self._config())
+        epoch = check_int(state["epoch"], "state['epoch']", min_value=0)
+        position = check_int(state["position"], "state['position']", min_value=0)
+        partial = check_int(state["partial"], "state['partial']", min_value=0)
         stats = state["stats"]
         if not isinstance(stats, dict):
             raise TypeError(f"state['stats'] must be a dict of counts; got {stats!r}")
-        self.stats = {str(k): check_int(v, f"state['stats'][{k!r}]", min_value=0) for k, v in stats.items()}
+        stats = {str(k): check_int(v, f"state['stats'][{k!r}]", min_value=0) for k, v in stats.items()}
         self._load_extra_state(state)
+        self.stats = stats
+        if epoch < self.epoch:  # loaded after set_epoch(e + 1): pass e is finished, the newer epoch starts over
+            self.position = self.partial = 0
+            self._pending = False
+            return
+        self.epoch, self.position, self.partial = epoch, position, partial
         self._pending = True
 
 
@@ -285,14 +313,22 @@ def _weight_of(counts: np.ndarray, y: int, scheme: str, beta: float, alpha: floa
         return float(np.float32(total / (c_y * np.count_nonzero(counts))))
     if scheme == "sqrt_inverse":  # sum_c c / sqrt(c) = sum_c sqrt(c)
         return float(np.float32(total / (math.sqrt(c_y) * np.sqrt(counts).sum())))
+    # The normaliser sum_c n_c * raw_c is summed as masses in closed form, not as n_c * raw_c: a decayed running
+    # count passes through subnormal values on its way to 0, where raw_c overflows (0 * inf, or a weight of 0).
+    # c_y >= 1 here (the sample's own class was just counted), so raw_y itself is finite.
     present = counts > 0
-    n = np.where(present, counts, 1.0)
-    if scheme == "effective_number":
-        raw = np.ones_like(n) if beta == 0.0 else (1.0 - beta) / -np.expm1(n * math.log(beta))
-    else:  # power
-        raw = n ** (alpha - 1.0)
-    raw = np.where(present, raw, 0.0)
-    return float(np.float32(raw[y] * (total / (counts * raw).sum())))
+    if scheme == "power":  # raw = n**(alpha - 1), mass = n**alpha
+        mass = np.where(present, np.where(present, counts, 1.0) ** alpha, 0.0)
+        return float(np.float32(c_y ** (alpha - 1.0) * (total / mass.sum())))
+    if beta == 0.0:  # effective_number with beta = 0: raw = 1
+        return 1.0
+    # effective_number: raw = (1 - beta) / (1 - beta**n); mass = (1 - beta) / k * x / (1 - e**-x), x = k n
+    k = -math.log(beta)
+    x = np.where(present, counts, 1.0) * k
+    ratio = np.where(x < 1e-200, 1.0, x / -np.expm1(-np.maximum(x, 1e-200)))
+    mass = np.where(present, (1.0 - beta) / k * ratio, 0.0)
+    raw_y = (1.0 - beta) / -math.expm1(-c_y * k)
+    return float(np.float32(raw_y * (total / mass.sum())))
 
 
 class ClassWeightStage(_Stage):
@@ -315,7 +351,7 @@ class ClassWeightStage(_Stage):
         super().__init__(handler)
         self.label_key = _check_key(label_key, "label_key")
         self.weight_key = _check_key(weight_key, "weight_key")
-        self.num_classes = check_int(num_classes, "num_classes", min_value=1)
+        self.num_classes = check_num_classes(num_classes)  # sizes the class counts: at most MAX_CLASSES
         self.scheme = check_choice(scheme, "scheme", WEIGHT_SCHEMES)
         self.combine = check_choice(combine, "combine", ("replace", "multiply"))
         self.beta = check_float(beta, "beta", low=0.0, high=1.0, high_inclusive=False)
@@ -340,7 +376,11 @@ class ClassWeightStage(_Stage):
         return self._running.counts.tolist()
 
     def current_weights(self) -> torch.Tensor:
-        """Class weights the stage would use now: the fixed table, or from the running counts."""
+        """Class weights the stage would use now: the fixed table, or from the running counts.
+
+        With ``momentum`` a class not seen for long has a decayed count on its way to 0; while that count is
+        over ~1e38 times smaller than the total, its weight is beyond float32's range and this raises
+        ``ValueError`` (the per-sample weights are unaffected: a sample's own class was just counted)."""
         if self.table is not None:
             return self.table.clone()
         return class_weights_from_counts(
@@ -353,6 +393,8 @@ class ClassWeightStage(_Stage):
             self.stats["seen"] += 1
             try:
                 y = _label(sample, self.label_key, self.num_classes)
+                stored = _stored_weight(sample, self.weight_key, self.combine)
+                new = None
                 if table is not None:
                     w = table[y]
                     if w == 0.0:
@@ -360,8 +402,9 @@ class ClassWeightStage(_Stage):
                 else:
                     new = self._running.updated(y)
                     w = _weight_of(new, y, self.scheme, self.beta, self.alpha)
+                _attach(sample, self.weight_key, w, stored)
+                if new is not None:  # only a sample that passed every check counts
                     self._running.counts = new
-                _attach(sample, self.weight_key, w, self.combine)
             except Exception as exn:
                 if self._skip(exn):
                     continue
@@ -376,6 +419,11 @@ class ClassWeightStage(_Stage):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._running.load(state["counts"], self.num_classes)
 
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "num_classes": self.num_classes, "scheme": self.scheme, "beta": self.beta,
+                "alpha": self.alpha, "momentum": self.momentum, "combine": self.combine,
+                "counts": self._digest("counts", getattr(self, "known_counts", None))}
+
 
 def _check_key(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
@@ -383,10 +431,50 @@ def _check_key(value: Any, name: str) -> str:
     return value
 
 
-def _attach(sample: dict, key: str, w: float, combine: str) -> None:
-    if combine == "multiply" and key in sample:
-        old = sample[key]
-        w = float(old) * w
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _stored_weight(sample: dict, key: str, combine: str) -> Optional[float]:
+    """The weight already stored under ``key`` that ``combine="multiply"`` multiplies into (None if there is
+    none, or ``combine="replace"``): a real number (int, float, numpy/tensor scalar or one-element array, or a
+    decimal string such as a decoded ``.txt``), finite and ``>= 0``; anything else is a bad sample."""
+    if combine != "multiply" or key not in sample:
+        return None
+    value = sample[key]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if isinstance(value, torch.Tensor):
+            size, real = value.numel(), not (value.is_complex() or value.dtype == torch.bool)
+        else:
+            size, real = value.size, value.dtype.kind in "iuf"
+        if size != 1 or not real:
+            raise _bad(
+                sample, key,
+                f"a stored weight must be one real number; got shape {tuple(value.shape)}, dtype {value.dtype}",
+            )
+        value = value.reshape(()).item()
+    elif isinstance(value, (bytes, bytearray, str)):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _bad(sample, key, f"a stored weight must be a number; got {value[:20]!r}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _bad(
+            sample, key, f"a stored weight must be a real number; got {value!r} of type {type(value).__name__}"
+        )
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise _bad(sample, key, f"a stored weight must be finite and >= 0; got {value}")
+    return value
+
+
+def _attach(sample: dict, key: str, w: float, stored: Optional[float]) -> None:
+    if stored is not None:
+        product = stored * w
+        if product > _F32_MAX:  # would be inf as the float32 weight tensor
+            raise _bad(
+                sample, key, f"stored weight {stored} x weight {w} = {product} is beyond float32's range"
+            )
+        w = product
     # scalar_tensor: a 0-d float32 tensor (batched to shape (B,) by default_collate and wds.batched), ~3x
     # cheaper than torch.tensor(w)
     sample[key] = torch.scalar_tensor(w, dtype=torch.float32)
@@ -418,10 +506,13 @@ def with_class_weights(
             exponentially decayed counts ``c <- (1 - m) c + onehot(y)`` (effective memory ~``1/m`` samples), so
             the weights follow a drifting class mix.
         weight_key: key the weight is written to.
-        combine: ``"replace"`` or ``"multiply"`` (multiply into an existing weight, e.g. an entropy weight).
+        combine: ``"replace"`` or ``"multiply"`` (multiply into an existing weight, e.g. an entropy weight). The
+            stored weight must be a finite real number ``>= 0`` (a number, a one-element array or tensor, or a
+            decimal string) and the product must fit in float32; otherwise the sample is bad.
         beta, alpha: parameters of the ``effective_number`` and ``power`` schemes.
-        handler: webdataset exception handler for bad samples (missing/non-integer/out-of-range label);
-            skipped samples are counted in ``stage.stats["skipped"]``.
+        handler: webdataset exception handler for bad samples (missing/non-integer/out-of-range label, a bad
+            stored weight with ``combine="multiply"``); skipped samples are counted in ``stage.stats["skipped"]``
+            and change no running count.
 
     Example::
 
@@ -509,11 +600,15 @@ class EntropyWeightStage(_Stage):
         self._since_resum = 0
 
     def _push(self, h: float) -> float:
-        """Add a score to the window and return the window mean (the score itself included)."""
+        """Add a score to the window and return the window mean (the score itself included); :meth:`_unpush`
+        undoes it exactly."""
+        self._undo = (self._sum, self._since_resum, None)
         self._values.append(h)
         self._sum += h
         if len(self._values) > self.window:
-            self._sum -= self._values.popleft()
+            dropped = self._values.popleft()
+            self._sum -= dropped
+            self._undo = (*self._undo[:2], dropped)
         self._since_resum += 1
         if (
             self._since_resum >= self.window
@@ -522,18 +617,30 @@ class EntropyWeightStage(_Stage):
             self._since_resum = 0
         return max(self._sum, 0.0) / len(self._values)
 
+    def _unpush(self) -> None:
+        """Undo the last :meth:`_push` (a sample refused after its score entered the window)."""
+        self._sum, self._since_resum, dropped = self._undo
+        self._values.pop()
+        if dropped is not None:
+            self._values.appendleft(dropped)
+
     def _run(self, src: Iterator[Sample]) -> Iterator[Sample]:
         for sample in src:
             self.stats["seen"] += 1
             try:
                 h = _score_of(sample, self.probs_key, self.score, self.from_logits)
+                stored = _stored_weight(sample, self.weight_key, self.combine)
+                mean = self._push(h)
+                w = h / mean if mean > 0.0 else 1.0  # a window of all-certain samples: all weighted equally
+                try:
+                    _attach(sample, self.weight_key, w, stored)
+                except BadSampleError:
+                    self._unpush()  # a refused sample leaves no trace in the window
+                    raise
             except Exception as exn:
                 if self._skip(exn):
                     continue
                 return
-            mean = self._push(h)
-            w = h / mean if mean > 0.0 else 1.0  # a window of all-certain samples: all weighted equally
-            _attach(sample, self.weight_key, w, self.combine)
             self.position += 1
             self.stats["emitted"] += 1
             yield sample
@@ -556,6 +663,10 @@ class EntropyWeightStage(_Stage):
         self._values = deque(values)
         self._sum = window_sum
         self._since_resum = since_resum
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "window": self.window, "score": self.score, "from_logits": self.from_logits,
+                "combine": self.combine}
 
 
 def with_entropy_weights(
@@ -580,9 +691,12 @@ def with_entropy_weights(
         weight_key: key the weight (0-d float32 tensor) is written to.
         window: number of recent samples the normalising mean runs over.
         score: ``"entropy"`` (default), ``"margin"`` or ``"least_confidence"``.
-        combine: ``"replace"`` or ``"multiply"`` (into an existing weight, e.g. a class weight).
+        combine: ``"replace"`` or ``"multiply"`` (into an existing weight, e.g. a class weight). The stored
+            weight must be a finite real number ``>= 0`` and the product must fit in float32, as in
+            :func:`with_class_weights`.
         handler: webdataset exception handler for bad samples (missing key, wrong shape, non-finite values,
-            rows not summing to 1); skipped samples are counted in ``stage.stats["skipped"]``.
+            rows not summing to 1, a bad stored weight); skipped samples are counted in ``stage.stats["skipped"]``
+            and leave the running window unchanged.
 
     Example::
 
@@ -750,6 +864,12 @@ class BalanceStage(_Stage):
                 f"got {state['out_counts']!r}"
             )
         self._out = out
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "num_classes": self.num_classes,
+                "target": self._digest("target", np.asarray(self.target, dtype=np.float64)),
+                "momentum": self.momentum, "seed": self.seed, "repeat": self.repeat,
+                "max_repeats": self.max_repeats, "rng": self.rng, "correction": self.correction}
 
 
 def balance_classes(
@@ -949,6 +1069,11 @@ class SelectStage(_Stage):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"state['seed']={state['seed']} does not match this stage's seed={self.seed}")
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "k": self.k, "probs_key": self.probs_key, "score_key": self.score_key,
+                "mode": self.mode, "seed": self.seed, "from_logits": self.from_logits, "score": self.score,
+                "order": self.order, "rng": self.rng}
 
 
 def select_by_entropy(

@@ -40,13 +40,22 @@ of one shard, number of outputs of that segment already delivered) and a snapsho
 ``stats`` taken when the segment started. ``load_state_dict`` + ``iter`` re-open the segment's shard, replay it
 (reading and decoding, up to one shard's worth) from the snapshot and skip the outputs already delivered, so the
 resumed stream equals the unbroken one exactly (no sample lost or duplicated) with ``StatefulDataLoader`` at any
-``num_workers`` (which must be the same as when the state was saved).
+``num_workers`` (which must be the same as when the state was saved). A state of epoch ``e`` that reaches a
+dataset already set to a later epoch (``StatefulDataLoader`` hands it over at the next ``iter(loader)``, after the
+resumed loop's ``set_epoch(e + 1)``) means "epoch ``e`` is finished", so a checkpoint taken after an epoch's loop
+resumes with the next epoch, nothing replayed. The state records what the stream depends on (shards, seed,
+shuffle settings, world size, weights and balancing options) and a differently built dataset refuses it.
 
 **No silent loss.** By default (``handler=None``) these raise, naming the shard (and the sample's key and the
 member): a shard that cannot be opened, is empty, is truncated (inside a member or at a header boundary), has a
 corrupt header (``shards.iter_shard_files`` checks the end-of-archive block, which ``tarfile`` does not), holds
-fewer or more samples than its manifest count; a sample missing a ``required_keys`` member or the label, a
-label that is not an integer in ``[0, num_classes)``, a member the decoder refuses (pickles) or cannot decode.
+fewer or more samples than its manifest count, or (read to its end) labels whose class histogram differs from its
+manifest entry (the known class counts, hence the weights, come from the manifest: a wrong histogram is detected,
+but the weights already given are not corrected); a sample missing a ``required_keys`` member or the label, a
+label that is not an integer in ``[0, num_classes)``, a member the decoder refuses (pickles) or cannot decode, a
+member over the size caps (``max_member_bytes``, ``max_ratio``: refused before its bytes are held; a tar member
+ends its shard, a decoded one its sample), a sample whose member names repeat (``a.cls`` and ``a.CLS``), take the
+metadata names (``a.__url__``) or are not UTF-8 (that sample only).
 With a skipping handler (webdataset's ``warn_and_continue``/``ignore_and_continue``, or any callable returning
 True), each is counted in :attr:`WeightedWebDataset.stats` and logged at the end of the reader's epoch (a handler
 returning False, like ``ignore_and_stop``, also skips the rest of the current shard range, counting every sample
@@ -78,17 +87,25 @@ import torch
 from torch.utils.data import IterableDataset
 from webdataset.handlers import reraise_exception
 
-from torch_pretrain_update._checks import _short, check_bool, check_choice, check_float, check_int, check_vector
+from torch_pretrain_update._checks import check_bool, check_choice, check_float, check_int, check_vector, short_repr
 from torch_pretrain_update._dist import resolve_replicas, worker_split
 from torch_pretrain_update._rng import epoch_generator
-from torch_pretrain_update.data.decode import safe_decode
+from torch_pretrain_update._state import check_config, tensor_digest
+from torch_pretrain_update.data.decode import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    DEFAULT_MAX_RATIO,
+    SizeLimitError,
+    check_limits,
+    safe_decode,
+)
 from torch_pretrain_update.data.shards import (
     DamagedShardError,
+    MalformedSampleError,
     ShardInfo,
     ShardManifest,
     _as_manifest,
+    _samples,
     expand_urls,
-    iter_shard_samples,
     parse_label,
 )
 from torch_pretrain_update.data.stages import BadSampleError, balance_classes, with_class_weights
@@ -99,7 +116,7 @@ logger = logging.getLogger(__name__)
 
 _STATE_FORMAT = "WeightedWebDataset/1"
 _MAX_EVENTS = 50
-_STAT_KEYS = ("samples", "skipped_samples", "missing_samples", "shard_errors", "padded_samples")
+_STAT_KEYS = ("samples", "skipped_samples", "missing_samples", "shard_errors", "padded_samples", "oversized")
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,7 @@ def _fresh_stats() -> dict[str, Any]:
 
 
 def _copy_stats(stats: dict[str, Any]) -> dict[str, Any]:
-    out = dict(stats)
+    out = {**_fresh_stats(), **stats}  # a key added since the state was saved starts at 0
     out["events"] = list(stats["events"])
     return out
 
@@ -174,7 +191,8 @@ class WeightedWebDataset(IterableDataset):
         required_keys: members every sample must have (the label key is always required).
         manifest: path of a manifest from :func:`~torch_pretrain_update.data.shards.write_shards` (or a
             :class:`~torch_pretrain_update.data.shards.ShardManifest`): enables count checks, known class counts and
-            ``split="samples"``.
+            ``split="samples"``. Each shard read to its end is checked against its manifest entry: the sample
+            count and (when the manifest's ``label_key`` is ``label_key``) the class histogram.
         rank, world_size: this rank and the number of ranks; default from the initialised process group, else
             0 and 1.
         split: ``"auto"`` (``"samples"`` with a manifest, else ``"shards"``), ``"samples"`` or ``"shards"``.
@@ -182,11 +200,21 @@ class WeightedWebDataset(IterableDataset):
             with ``split="samples"``, unlimited with ``split="shards"``.
         drop_last: with ``split="samples"`` and no ``samples_per_rank``: ``floor(N / W)`` instead of padding.
         decoder: sample -> decoded sample; default ``decode.safe_decode()`` (refuses pickles).
+        allow_unsafe_urls: read a ``manifest`` path with ``read_manifest(..., allow_unsafe_urls=True)``: its urls
+            may then be ``pipe:`` commands, remote urls or paths outside its folder. Only for a manifest you
+            trust; by default such a manifest is refused (``ValueError``).
+        max_member_bytes: the largest tar member read and the largest decoded member (default 256 MiB; the
+            default decoder's cap too); None: no cap. A tar member over it ends its shard (a shard error), a
+            decoded one (a ``.gz`` member, an image) skips its sample; both are refused before the memory is
+            spent and counted in ``stats["oversized"]``.
+        max_ratio: the most a compressed shard or member may inflate per compressed byte past 16 MiB (default
+            1000: a decompression bomb); None: no cap.
 
     Attributes:
         stats: this reader's counts for the current epoch: ``samples`` (yielded), ``skipped_samples``,
             ``missing_samples`` (positions of this reader's ranges never read because a shard ended early),
-            ``shard_errors``, ``padded_samples`` and ``events`` (the first 50 messages, naming shards and keys).
+            ``shard_errors``, ``padded_samples``, ``oversized`` (of the shard errors and skipped samples: those
+            refused for a size cap) and ``events`` (the first 50 messages, naming shards and keys).
             With DataLoader workers each worker has its own copy; :func:`stream_stats` sums them from a
             ``StatefulDataLoader.state_dict()``, and each worker logs its counts at the end of its epoch.
 
@@ -226,6 +254,9 @@ class WeightedWebDataset(IterableDataset):
         samples_per_rank: Optional[int] = None,
         drop_last: bool = False,
         decoder: Optional[Callable[[dict], dict]] = None,
+        allow_unsafe_urls: bool = False,
+        max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
+        max_ratio: Optional[float] = DEFAULT_MAX_RATIO,
     ) -> None:
         super().__init__()
         if not isinstance(label_key, str) or not label_key:
@@ -254,11 +285,13 @@ class WeightedWebDataset(IterableDataset):
         self.required_keys = tuple(dict.fromkeys([*req, label_key]))
         self.world_size, self.rank = resolve_replicas(world_size, rank)
         self.drop_last = check_bool(drop_last, "drop_last")
-        self.decoder = decoder if decoder is not None else safe_decode()
+        self.max_member_bytes, self.max_ratio = check_limits(max_member_bytes, max_ratio)
+        self.decoder = (decoder if decoder is not None
+                        else safe_decode(max_member_bytes=self.max_member_bytes, max_ratio=self.max_ratio))
         if not callable(self.decoder):
             raise TypeError(f"decoder must be callable (sample -> sample); got {decoder!r}")
 
-        self.manifest = _as_manifest(manifest)
+        self.manifest = _as_manifest(manifest, allow_unsafe_urls=check_bool(allow_unsafe_urls, "allow_unsafe_urls"))
         if urls is None:
             if self.manifest is None:
                 raise ValueError("urls is None: pass shard urls (or a brace pattern) or a manifest")
@@ -369,7 +402,8 @@ class WeightedWebDataset(IterableDataset):
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable state: epoch, this reader's cursor and the snapshot needed to replay."""
+        """Plain, JSON-serialisable state: epoch, this reader's cursor and the snapshot needed to replay, and
+        ``config`` (what the stream depends on, checked by :meth:`load_state_dict`)."""
         if self._pending is not None:
             return _json_copy(self._pending)
         return {
@@ -377,7 +411,37 @@ class WeightedWebDataset(IterableDataset):
             "epoch": self.epoch,
             "seed": self.seed,
             "num_shards": len(self.urls),
+            "config": self._config(),
             "cursor": self._cursor_state(),
+        }
+
+    def _config(self) -> dict[str, Any]:
+        """What the stream depends on, as plain values; recorded in the state and compared on load.
+
+        ``shards`` hashes each shard's file name, manifest count and SHA-256 (not its folder: a data set that
+        moved still resumes; without a manifest only the names are compared). Not ``rank`` nor the number of
+        DataLoader workers: the reader's cursor records those and :meth:`__iter__` refuses a mismatch.
+        """
+        if getattr(self, "_config_digests", None) is None:
+            names = "\n".join(
+                f"{os.path.basename(u)}\t{None if i is None else i.count}\t{None if i is None else i.sha256}"
+                for u, i in zip(self.urls, self.infos)
+            )
+            counts = None if self.counts is None else torch.tensor(self.counts, dtype=torch.float64)
+            target = (None if self.balance_target is None
+                      else torch.as_tensor(self.balance_target, dtype=torch.float64))
+            self._config_digests = (
+                tensor_digest(torch.frombuffer(bytearray(names.encode()), dtype=torch.uint8)),
+                None if counts is None else tensor_digest(counts),
+                None if target is None else tensor_digest(target),
+            )
+        shards, counts, target = self._config_digests
+        return {
+            "type": type(self).__name__, "shards": shards, "seed": self.seed, "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer if self.shuffle else None, "world_size": self.world_size,
+            "split": self.split, "samples_per_rank": self.samples_per_rank, "label_key": self.label_key,
+            "num_classes": self.num_classes, "scheme": self.scheme, "counts": counts, "momentum": self.momentum,
+            "balance": self.balance, "balance_target": target if self.balance else None,
         }
 
     def _cursor_state(self) -> Optional[dict[str, Any]]:
@@ -393,18 +457,34 @@ class WeightedWebDataset(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; the next ``iter()`` in the same epoch continues after the
-        last sample delivered before the state was taken."""
+        last sample delivered before the state was taken.
+
+        If this dataset is already at a later epoch (the resumed loop's ``set_epoch(e + 1)`` ran first, as it
+        does under ``StatefulDataLoader``, which hands the state to the dataset only at the next
+        ``iter(loader)``), the state's epoch counts as finished: the dataset keeps its epoch, from the start.
+
+        Raises:
+            ValueError: the state was saved by a stream built differently (other shards, seed, shuffle
+                settings, world size, ...: the message names them). A state without ``config`` (saved by an
+                earlier version) is checked only for its seed and number of shards.
+        """
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"state must be a dict from WeightedWebDataset.state_dict(); got {_short(state)}")
+            raise ValueError(f"state must be a dict from WeightedWebDataset.state_dict(); got {short_repr(state)}")
+        check_config(state.get("config"), self._config())
         if state.get("seed") != self.seed or state.get("num_shards") != len(self.urls):
             raise ValueError(
                 f"state was saved with seed={state.get('seed')} over {state.get('num_shards')} shards; this "
                 f"dataset has seed={self.seed} and {len(self.urls)} shards"
             )
-        self.epoch = check_int(state.get("epoch"), "state['epoch']", min_value=0)
+        epoch = check_int(state.get("epoch"), "state['epoch']", min_value=0)
         cursor = state.get("cursor")
         if cursor is not None and not isinstance(cursor, dict):
-            raise ValueError(f"state['cursor'] must be a dict or None; got {_short(cursor)}")
+            raise ValueError(f"state['cursor'] must be a dict or None; got {short_repr(cursor)}")
+        if epoch < self.epoch:  # epoch e is done; the newer epoch (shared with workers) is left as it is
+            self._pending = None
+            self._cursor = None
+            return
+        self.epoch = epoch
         self._pending = _json_copy(state) if cursor is not None else None
         self._cursor = None
 
@@ -508,14 +588,46 @@ class WeightedWebDataset(IterableDataset):
         return bool(handler(exc))
 
     def _shard_samples(self, seg: _Segment, stats: dict[str, Any]) -> Iterator[dict]:
-        """Raw samples of the segment's shard, checked against the manifest count; damage -> handler."""
+        """Raw samples of the segment's shard, checked against the manifest count and, when read to its end,
+        the manifest's class histogram (the class weights come from it); damage -> handler."""
         url = self.urls[seg.shard]
         info = self.infos[seg.shard]
         try:
-            yield from iter_shard_samples(url, expected=None if info is None else info.count)
+            samples = _samples(url, expected=None if info is None else info.count,
+                               max_member_bytes=self.max_member_bytes, max_ratio=self.max_ratio)
+            want = None
+            if info is not None and info.class_counts and self.manifest.label_key == self.label_key:
+                want = {c: n for c, n in enumerate(info.class_counts) if n}
+            if want is None:
+                yield from samples
+                return
+            got: dict[int, int] = {}
+            readable = True  # False after a missing, unparsable or out-of-range label (the sample checks report it)
+            nc = self.num_classes
+            for raw in samples:
+                if isinstance(raw, MalformedSampleError):  # refused in _checked; its label is unknown
+                    readable = False
+                    yield raw
+                    continue
+                label = raw.get(self.label_key)
+                try:
+                    # ASCII digits (what write_shards stores) cost one int(); anything else goes to parse_label
+                    c = int(label) if type(label) is bytes and label.isdigit() else parse_label(label)
+                except ValueError:
+                    c = nc
+                if c < nc:
+                    got[c] = got.get(c, 0) + 1
+                else:
+                    readable = False
+                yield raw
+            if readable and got != want:
+                raise DamagedShardError(
+                    url, f"class histogram {dict(sorted(got.items()))} of the labels read differs from the "
+                         f"manifest's {want}: the manifest's class counts (which give the class weights) are wrong")
         except DamagedShardError as error:
             self._handle(error)  # raises by default
             stats["shard_errors"] += 1
+            stats["oversized"] += isinstance(error, SizeLimitError)
             self._event(stats, str(error))
 
     def _segment_raw(self, seg: _Segment, epoch: int, stats: dict[str, Any]) -> Iterator[dict]:
@@ -542,6 +654,8 @@ class WeightedWebDataset(IterableDataset):
         label_key, nc, decoder, required = self.label_key, self.num_classes, self.decoder, self.required_keys
         for raw in src:
             try:
+                if isinstance(raw, MalformedSampleError):  # member names that cannot form a sample
+                    raise raw
                 for k in required:
                     if k not in raw:
                         break
@@ -571,9 +685,11 @@ class WeightedWebDataset(IterableDataset):
             except Exception as exc:
                 keep_going = self._handle(exc)
                 stats["skipped_samples"] += 1
+                stats["oversized"] += isinstance(exc, SizeLimitError)
                 msg = str(exc)
                 if url not in msg:
-                    msg = f"shard {url!r}, sample __key__={raw.get('__key__')!r}: {msg}"
+                    key = raw.get("__key__") if isinstance(raw, dict) else getattr(raw, "key", None)
+                    msg = f"shard {url!r}, sample __key__={key!r}: {msg}"
                 self._event(stats, msg)
                 if not keep_going:  # "stop": the rest of this shard range is skipped, and counted
                     rest = sum(1 for _ in src)

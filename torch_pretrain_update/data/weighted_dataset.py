@@ -17,6 +17,8 @@ __all__ = ["WeightedDataset"]
 
 Weights = Union[torch.Tensor, np.ndarray, "list[float]", Callable[[int], float]]
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
 
 class WeightedDataset(Dataset):
     """Wrap a map-style dataset so that ``dataset[i]`` also carries the weight of sample ``i``.
@@ -30,7 +32,8 @@ class WeightedDataset(Dataset):
         weights: a 1-D tensor/array/sequence of ``len(dataset)`` finite, non-negative weights (e.g. from
             :func:`~torch_pretrain_update.sample_weights`, entropy scores or a sampler's
             ``importance_weights()``), or a callable ``index -> float``; a callable's value is checked at each
-            ``__getitem__`` (finite, non-negative, a real number) and an error names the index.
+            ``__getitem__`` (finite, non-negative, a real number) and an error names the index. Weights are
+            float32, so a weight above float32's maximum (~3.4e38) is refused rather than turned into inf.
         key: if given, each sample must be a dict and the weight is stored under this key (the dict is
             shallow-copied, the wrapped dataset's sample is not modified; a sample that already has ``key`` is
             an error rather than a silent overwrite).
@@ -66,6 +69,12 @@ class WeightedDataset(Dataset):
                 raise ValueError(
                     f"weights must have one entry per sample: len(weights)={w.numel()} but len(dataset)={n}"
                 )
+            big = w > _F32_MAX  # finite in float64 but inf as the float32 weight
+            if bool(big.any()):
+                i = int(torch.nonzero(big)[0, 0])
+                raise ValueError(
+                    f"weights must be <= {_F32_MAX:.6g} (the weights are float32); got {w[i].item()} at index {i}"
+                )
             self._weights = w.to(torch.float32)
 
     def __len__(self) -> int:
@@ -95,6 +104,8 @@ class WeightedDataset(Dataset):
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"weights({index!r}) must be finite and >= 0; got {value}")
+        if value > _F32_MAX:
+            raise ValueError(f"weights({index!r}) must be <= {_F32_MAX:.6g} (the weights are float32); got {value}")
         return torch.tensor(value, dtype=torch.float32)
 
     def __getitem__(self, index: int) -> Any:

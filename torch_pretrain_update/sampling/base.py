@@ -11,8 +11,23 @@ This base class then
   positions ``r, r + W, r + 2W, ...`` of the plan padded by repeating its start (``drop_last=False``) or
   truncated to a multiple of ``W`` (``drop_last=True``), so every rank has the same length;
 - implements the ``Stateful`` protocol of ``torchdata.stateful_dataloader``: ``state_dict()`` is
-  ``{"epoch": e, "position": p}`` (indices of this rank's stream already handed out in epoch ``e``) and
-  ``load_state_dict`` makes the next ``iter()`` continue at ``p`` without replaying anything.
+  ``{"epoch": e, "position": p, "config": {...}}`` (``p`` = indices of this rank's stream already handed out in
+  epoch ``e``; ``config`` = what the plan depends on, see :meth:`PlanSampler._config`) and ``load_state_dict``
+  makes the next ``iter()`` continue at ``p`` without replaying anything.
+
+**Epoch boundaries.** torchdata's ``StatefulDataLoader.load_state_dict`` only stores the state; the sampler gets
+it when the next ``iter(loader)`` starts, i.e. *after* the resumed loop's ``set_epoch(e + 1)``. So a state of
+epoch ``e`` that reaches a sampler already set to a later epoch means "epoch ``e`` is finished": the sampler stays
+at its own epoch, from the start (as when ``set_epoch`` follows ``load_state_dict``), and nothing is replayed. A
+checkpoint taken after an epoch's loop (or right after the next ``set_epoch``) therefore resumes exactly, with 0 or
+more workers, whether the last batch was full or dropped. To go back to an earlier epoch on a live sampler, call
+``set_epoch`` with the state's epoch (before or after loading).
+
+**A state belongs to its sampler.** ``load_state_dict`` refuses (``ValueError``, naming what differs) a state
+whose ``config`` differs from this sampler's: other size, ``seed``, ``shuffle``, ``drop_last``, ``num_replicas``,
+or other weights/scores/labels/``exclude`` (compared by hash). ``rank`` is not part of it: in lockstep every rank
+has the same position, so a checkpoint saved by rank 0 may be loaded on every rank. A state without ``config``
+(saved by an earlier version) is loaded unchecked.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from torch.utils.data import Sampler
 
 from torch_pretrain_update._checks import check_bool, check_int
 from torch_pretrain_update._dist import resolve_replicas
+from torch_pretrain_update._state import check_config, tensor_digest
 
 __all__: list[str] = []  # private module
 
@@ -45,6 +61,7 @@ class PlanSampler(Sampler[int]):
 
     _STATE_EPOCH = "epoch"
     _STATE_POSITION = "position"
+    _STATE_CONFIG = "config"
 
     def __init__(
         self,
@@ -90,6 +107,25 @@ class PlanSampler(Sampler[int]):
     def _plan_version(self) -> Any:
         """Anything that changes when the plan's inputs change (e.g. after ``update``); invalidates the cache."""
         return None
+
+    def _config(self) -> dict[str, Any]:
+        """What the global plan and the rank split depend on, as plain JSON values (large inputs as
+        :meth:`_digest`); recorded in the state and compared on load. Subclasses add their inputs. Not ``rank``:
+        a lockstep state is valid on every rank."""
+        return {
+            "type": type(self).__name__,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "num_replicas": self.num_replicas,
+        }
+
+    def _digest(self, name: str, *tensors: torch.Tensor | None) -> str:
+        """Hash of ``tensors`` (an input that never changes after construction), computed once per ``name``."""
+        cache = self.__dict__.setdefault("_digests", {})
+        if name not in cache:
+            cache[name] = tensor_digest(*tensors)
+        return cache[name]
 
     # ----- rank split ---------------------------------------------------------------------------------------
     def _rank_length(self) -> int:
@@ -138,22 +174,41 @@ class PlanSampler(Sampler[int]):
         self.epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch": e, "position": p}``: plain ints, JSON-serialisable."""
-        return {self._STATE_EPOCH: self.epoch, self._STATE_POSITION: self._position}
+        """``{"epoch": e, "position": p, "config": {...}}``: plain values, JSON- and
+        ``torch.load(weights_only=True)``-safe."""
+        return {self._STATE_EPOCH: self.epoch, self._STATE_POSITION: self._position, self._STATE_CONFIG: self._config()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at ``state["position"]`` of epoch ``state["epoch"]`` on the next ``iter()``."""
+    def _check_state(self, state: Any) -> None:
+        """Type, keys and config of a state (see the module docstring)."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict; got {type(state).__name__}")
         for key in (self._STATE_EPOCH, self._STATE_POSITION):
             if key not in state:
                 raise ValueError(f"state is missing key {key!r}; got keys {sorted(state)}")
+        check_config(state.get(self._STATE_CONFIG), self._config())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state["position"]`` of epoch ``state["epoch"]`` on the next ``iter()``.
+
+        If this sampler is already at a later epoch (the resumed loop's ``set_epoch`` ran first, as it does under
+        ``StatefulDataLoader``), the state's epoch counts as finished: the sampler keeps its epoch, from the start.
+
+        Raises:
+            ValueError: the state was saved by a sampler built differently (its ``config`` says what differs),
+                or its position is past this rank's length.
+        """
+        self._check_state(state)
         epoch = check_int(state[self._STATE_EPOCH], "state['epoch']", min_value=0)
         # A position past this rank's length comes from a sampler built differently (other N, budget, ranks):
         # resuming there would silently yield nothing.
         position = check_int(
             state[self._STATE_POSITION], "state['position']", min_value=0, max_value=self._rank_length()
         )
+        if epoch < self.epoch:
+            # torchdata applied the state after the loop's set_epoch(e + 1): epoch e is done, the newer one wins
+            self._pending_position = 0
+            self._position = 0
+            return
         self.epoch = epoch
         self._pending_position = position
         self._position = self._pending_position

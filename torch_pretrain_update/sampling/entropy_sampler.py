@@ -272,6 +272,12 @@ class EntropySampler(PlanSampler):
     def _plan_version(self) -> Any:
         return self._version
 
+    def _config(self) -> dict[str, Any]:
+        # the scores, exclude and stratify are compared by plan_fingerprint (with its hint about update())
+        return {**super()._config(), "num_items": self._inputs.n, "num_samples": self.num_samples, "mode": self.mode,
+                "temperature": self.temperature, "replacement": self.replacement,
+                "random_fraction": self.random_fraction, "min_per_class": self.min_per_class}
+
     def _plan(self, epoch: int) -> torch.Tensor:
         return _plan_from_inputs(self._inputs, self.seed, epoch, self.shuffle)
 
@@ -372,17 +378,17 @@ class EntropySampler(PlanSampler):
         return self._fingerprint
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "position", "scores_version", "plan_fingerprint"}``: plain ints and a string."""
+        """``{"epoch", "position", "config", "scores_version", "plan_fingerprint"}``: plain values."""
         state = super().state_dict()
         state["scores_version"] = self._version
         state["plan_fingerprint"] = self.plan_fingerprint()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where ``state`` was saved. Raises ``ValueError`` when the scores or plan inputs differ
+        """Continue where ``state`` was saved (at an epoch boundary: as :class:`PlanSampler`). Raises
+        ``ValueError`` when the settings (``config``, named in the message) or the scores and plan inputs differ
         from those in effect when it was saved (re-apply the same update first)."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict; got {type(state).__name__}")
+        self._check_state(state)  # settings first: a message that names them
         if "plan_fingerprint" not in state:
             raise ValueError(
                 "state is missing key 'plan_fingerprint' (not saved by an EntropySampler?); "

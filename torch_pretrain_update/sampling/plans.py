@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from torch_pretrain_update._checks import _short, as_tensor, check_bool, check_choice, check_int, check_labels
+from torch_pretrain_update._checks import (
+    as_tensor,
+    check_bool,
+    check_choice,
+    check_int,
+    check_labels,
+    compact_labels,
+    short_repr,
+)
 from torch_pretrain_update._rng import epoch_generator
 
 __all__ = [
@@ -36,7 +44,7 @@ def _check_counts(class_counts: Any, name: str) -> torch.Tensor:
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{name} must have an integer dtype; got {_short(t)}")
+        raise TypeError(f"{name} must have an integer dtype; got {short_repr(t)}")
     t = t.detach().to(device="cpu", dtype=torch.int64)
     neg = t < 0
     if bool(neg.any()):
@@ -189,7 +197,7 @@ def _check_exclude(exclude: Any, num_items: int) -> torch.Tensor | None:
         mask = t.detach().cpu()
     else:
         if t.is_floating_point() or t.is_complex():
-            raise TypeError(f"exclude must hold integer indices or be a bool mask; got {_short(t)}")
+            raise TypeError(f"exclude must hold integer indices or be a bool mask; got {short_repr(t)}")
         t = t.detach().to(device="cpu", dtype=torch.int64)
         bad = (t < 0) | (t >= num_items)
         if bool(bad.any()):
@@ -238,24 +246,31 @@ def _stable_argsort_small(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 class ClassGroups:
-    """Sample indices grouped by class: ``order[starts[c] : starts[c] + counts[c]]`` are class ``c``'s samples
-    in ascending index order. Built once per label tensor (and pool), reused by every epoch's plan.
+    """Sample indices grouped by class: ``order[starts[c] : starts[c] + counts[c]]`` are the samples of the
+    ``c``-th class present, ``classes[c]``, in ascending index order. Built once per label tensor (and pool),
+    reused by every epoch's plan.
+
+    The classes are the distinct label values present (``torch.unique``), in ascending order: nothing is sized
+    by the largest label, so labels such as 10**12 work, and a class absent from the labels (or the pool) has no
+    group. Random streams that belong to a class are keyed by its label value ``classes[c]``, not by ``c``.
 
     Args:
-        labels: 1-D int64 labels in ``[0, num_classes)`` (already validated).
-        num_classes: number of classes.
+        labels: 1-D non-negative int64 labels (already validated).
+        num_classes: unused (kept for callers that pass it); the groups follow the label values present.
         pool: optional sorted subset of sample indices to group (the others are ignored).
     """
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, pool: torch.Tensor | None = None) -> None:
+    def __init__(self, labels: torch.Tensor, num_classes: int | None = None, pool: torch.Tensor | None = None) -> None:
         sub = labels if pool is None else labels[pool]
-        self.num_classes = num_classes
-        self.counts = torch.bincount(sub, minlength=num_classes)
-        order = _stable_argsort_small(sub, num_classes)
+        ids, self.classes = compact_labels(sub)
+        self.num_classes = self.classes.numel()
+        self.counts = torch.bincount(ids, minlength=self.num_classes)
+        order = _stable_argsort_small(ids, self.num_classes)
         self.order = order if pool is None else pool[order]
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         self._counts = self.counts.tolist()
         self._starts = self.starts.tolist()
+        self._classes = self.classes.tolist()
 
     def members(self, c: int) -> torch.Tensor:
         return self.order[self._starts[c] : self._starts[c] + self._counts[c]]
@@ -395,7 +410,8 @@ def stratified_plan(
     index order.
 
     Args:
-        labels: 1-D integer class labels (``>= 0``), one per sample.
+        labels: 1-D integer class labels (``>= 0``), one per sample; the classes are the distinct label values
+            (any int64: nothing is sized by the largest label).
         num_samples: how many to select, in ``[1, allowed samples]``.
         seed: base seed.
         epoch: epoch number (``>= 0``).
@@ -412,12 +428,12 @@ def stratified_plan(
         >>> torch.bincount(labels[stratified_plan(labels, 3, seed=0, epoch=0)])  # quotas [2, 1]
         tensor([2, 1])
     """
-    t, num_classes = check_labels(labels, "labels")
+    t, _ = check_labels(labels, "labels", max_classes=None)  # grouping only: any label value
     seed = check_int(seed, "seed")
     epoch = check_int(epoch, "epoch", min_value=0)
     shuffle = check_bool(shuffle, "shuffle")
     pool = _check_exclude(exclude, t.numel())
-    groups = ClassGroups(t, num_classes, pool)
+    groups = ClassGroups(t, pool=pool)
     what = "the number of samples" if pool is None else "the number of samples left after exclude"
     num_samples = _check_num_samples(num_samples, groups.order.numel(), False, what)
     quotas = stratified_quotas(groups.counts, num_samples, min_per_class=min_per_class)
@@ -442,7 +458,7 @@ def resolve_samples_per_class(class_counts: torch.Tensor, samples_per_class: int
         return int(present.sum()) // present.numel()
     if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, numbers.Integral):
         raise TypeError(
-            f"samples_per_class must be 'max', 'min', 'mean' or an int; got {_short(samples_per_class)} "
+            f"samples_per_class must be 'max', 'min', 'mean' or an int; got {short_repr(samples_per_class)} "
             f"of type {type(samples_per_class).__name__}"
         )
     return check_int(samples_per_class, "samples_per_class", min_value=1)
@@ -574,7 +590,8 @@ def _class_balanced_chunks(
     groups: ClassGroups, m: int, replacement: bool, seed: int, epoch: int, shuffle: bool, start: int = 0
 ) -> Iterator[torch.Tensor]:
     present = [c for c in range(groups.num_classes) if groups._counts[c] > 0]
-    streams = [_ClassStream(groups.members(c), c, m, replacement, seed, epoch) for c in present]
+    # a class's stream is keyed by its label value: the plan of a class does not depend on which others exist
+    streams = [_ClassStream(groups.members(c), groups._classes[c], m, replacement, seed, epoch) for c in present]
     length = len(present) * m
     if not shuffle:
         plan = torch.cat([s.sorted_all() for s in streams])  # class-major, ascending index within a class
@@ -622,7 +639,8 @@ def class_balanced_plan(
     (copies of a sample adjacent).
 
     Args:
-        labels: 1-D integer class labels (``>= 0``). Classes with no sample are skipped.
+        labels: 1-D integer class labels (``>= 0``); the classes are the distinct label values (any int64).
+            Classes with no sample are skipped.
         seed: base seed.
         epoch: epoch number (``>= 0``).
         samples_per_class: ``"max"``, ``"min"``, ``"mean"`` or an int ``>= 1``.
@@ -638,11 +656,11 @@ def class_balanced_plan(
         >>> torch.bincount(torch.tensor([0, 0, 0, 1])[plan])
         tensor([3, 3])
     """
-    t, num_classes = check_labels(labels, "labels")
+    t, _ = check_labels(labels, "labels", max_classes=None)  # grouping only: any label value
     seed = check_int(seed, "seed")
     epoch = check_int(epoch, "epoch", min_value=0)
     replacement = check_bool(replacement, "replacement")
     shuffle = check_bool(shuffle, "shuffle")
-    groups = ClassGroups(t, num_classes)
+    groups = ClassGroups(t)
     m = resolve_samples_per_class(groups.counts, samples_per_class)
     return torch.cat(list(_class_balanced_chunks(groups, m, replacement, seed, epoch, shuffle)))

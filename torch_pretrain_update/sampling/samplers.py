@@ -3,7 +3,8 @@
 Each sampler is a :class:`~torch_pretrain_update.sampling.base.PlanSampler`: its epoch's global plan comes
 from a pure function in :mod:`torch_pretrain_update.sampling.plans` of ``(inputs, seed, epoch)``; the base class splits
 it across ranks like ``DistributedSampler`` and makes it resumable under ``StatefulDataLoader``
-(``state_dict()`` = ``{"epoch", "position"}``, O(1) resume).
+(``state_dict()`` = ``{"epoch", "position", "config"}``, O(1) resume, exact at epoch boundaries too; a state
+from a sampler built with other inputs is refused: see :mod:`torch_pretrain_update.sampling.base`).
 
 **A fresh selection every epoch.** The plan is a function of ``(seed, epoch)``, so :class:`RandomSubsetSampler`
 and :class:`StratifiedSampler` select a *different* subset each epoch (call ``set_epoch``), and
@@ -99,6 +100,11 @@ class RandomSubsetSampler(_MaterialisedPlan):
     def _plan_length(self) -> int:
         return self.num_samples
 
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "num_items": self.num_items, "num_samples": self.num_samples,
+                "replacement": self.replacement,
+                "exclude": None if self._pool is None else self._digest("exclude", self._pool)}
+
     def _plan(self, epoch: int) -> torch.Tensor:
         return _random_subset(
             self.num_items, self._pool, self.num_samples, self.seed, epoch, self.replacement, self.shuffle
@@ -154,16 +160,25 @@ class StratifiedSampler(_MaterialisedPlan):
         drop_last: bool = False,
     ) -> None:
         super().__init__(seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
-        t, num_classes = check_labels(labels, "labels")
+        t, _ = check_labels(labels, "labels", max_classes=None)  # grouping only: any label value
         pool = _check_exclude(exclude, t.numel())
-        self._groups = ClassGroups(t, num_classes, pool)
+        self._groups = ClassGroups(t, pool=pool)
         what = "the number of samples" if pool is None else "the number of samples left after exclude"
         self.num_samples = _check_num_samples(num_samples, self._groups.order.numel(), False, what)
         self.quotas = stratified_quotas(self._groups.counts, self.num_samples, min_per_class=min_per_class)
         self.min_per_class = min_per_class
+        self._num_items = t.numel()
+        self._pool = pool  # for the state's config
 
     def _plan_length(self) -> int:
         return self.num_samples
+
+    def _config(self) -> dict[str, Any]:
+        # "labels": the class of every selectable sample (the grouped indices and the class sizes)
+        return {**super()._config(), "num_items": self._num_items, "num_samples": self.num_samples,
+                "min_per_class": self.min_per_class,
+                "exclude": None if self._pool is None else self._digest("exclude", self._pool),
+                "labels": self._digest("labels", self._groups.order, self._groups.counts)}
 
     def _plan(self, epoch: int) -> torch.Tensor:
         return _stratified(self._groups, self.quotas, self.seed, epoch, self.shuffle)
@@ -216,15 +231,20 @@ class ClassBalancedSampler(PlanSampler):
         drop_last: bool = False,
     ) -> None:
         super().__init__(seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
-        t, num_classes = check_labels(labels, "labels")
+        t, _ = check_labels(labels, "labels", max_classes=None)  # grouping only: any label value
         self.replacement = check_bool(replacement, "replacement")
-        self._groups = ClassGroups(t, num_classes)
+        self._groups = ClassGroups(t)
         self.num_per_class = resolve_samples_per_class(self._groups.counts, samples_per_class)
         self.samples_per_class = samples_per_class
         self.num_classes_present = int((self._groups.counts > 0).sum())
 
     def _plan_length(self) -> int:
         return self.num_classes_present * self.num_per_class
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "num_items": self._groups.order.numel(), "num_per_class": self.num_per_class,
+                "replacement": self.replacement,
+                "labels": self._digest("labels", self._groups.order, self._groups.counts, self._groups.classes)}
 
     def _chunks(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         return _class_balanced_chunks(

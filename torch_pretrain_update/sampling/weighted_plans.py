@@ -31,13 +31,14 @@ from typing import Any, Optional
 import torch
 
 from torch_pretrain_update._checks import (
-    _short,
     as_tensor,
     check_bool,
     check_choice,
     check_float,
     check_int,
     check_labels,
+    compact_labels,
+    short_repr,
 )
 from torch_pretrain_update._rng import epoch_generator
 
@@ -97,7 +98,7 @@ def check_weights(weights: Any, name: str = "weights") -> torch.Tensor:
     """
     t = as_tensor(weights, name)
     if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must be real numbers; got {_short(t)}")
+        raise TypeError(f"{name} must be real numbers; got {short_repr(t)}")
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
     if t.numel() == 0:
@@ -144,7 +145,7 @@ def exclude_mask(exclude: Any, n: int, name: str = "exclude") -> Optional[torch.
             raise ValueError(f"{name} as a bool mask must have length {n}; got length {t.numel()}")
         return t.clone()
     if t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{name} must be integer indices or a bool mask; got {_short(t)}")
+        raise TypeError(f"{name} must be integer indices or a bool mask; got {short_repr(t)}")
     t = t.to(torch.int64)
     mask = torch.zeros(n, dtype=torch.bool)
     if t.numel() == 0:
@@ -182,12 +183,19 @@ class CumulativeWeights:
     never drawn. float64 keeps every probability within about ``N * 2**-53`` of the total, relative (float32
     would lose weights below ``2**-24`` of the total, i.e. uniform weights beyond 16.7M samples).
 
+    Weights near the ends of float64 (a sum that would overflow, e.g. ``[1e308] * 3``, or subnormal weights
+    such as ``1e-320``, whose few significant bits would quantise the draws) are first multiplied by a power
+    of two that brings the largest to ``[0.5, 1)``: exact, so the draws are those of any scaled copy.
+
     Args:
         weights: validated 1-D non-negative weights (see :func:`check_weights`).
     """
 
     def __init__(self, weights: torch.Tensor) -> None:
         cum = weights.to(torch.float64, copy=True)
+        factors = _scale_factors(float(cum.max()))
+        if factors is not None:
+            cum.mul_(factors[0]).mul_(factors[1])
         cum.cumsum_(0)
         self.cumsum = cum
         self.total = float(cum[-1])
@@ -203,6 +211,23 @@ class CumulativeWeights:
         hi = self.cumsum[idx]
         lo = torch.where(idx > 0, self.cumsum[(idx - 1).clamp_min(0)], torch.zeros((), dtype=torch.float64))
         return (hi - lo) / self.total
+
+
+#: weights whose largest has a binary exponent beyond +-_SAFE_EXP are rescaled (see :func:`_scale_factors`):
+#: below it a float64 sum of up to 2**63 weights cannot overflow and no weight that matters is subnormal.
+_SAFE_EXP = 960
+
+
+def _scale_factors(largest: float, safe_exp: int = _SAFE_EXP) -> Optional[tuple[float, float]]:
+    """Two powers of two whose product brings ``largest`` (positive, finite) to ``[0.5, 1)``, or None when its
+    binary exponent is within ``+-safe_exp`` (no rescaling needed). Multiplying by them is exact for every
+    result that stays normal, so the draws of rescaled weights equal those of any scaled copy. Two factors
+    because the product itself may not exist in float64 (``2**1073`` for a largest weight of ``5e-324``)."""
+    e = math.frexp(largest)[1]
+    if -safe_exp <= e <= safe_exp:
+        return None
+    a = -e // 2
+    return math.ldexp(1.0, a), math.ldexp(1.0, -e - a)
 
 
 def _as_table(weights: Any) -> CumulativeWeights:
@@ -366,19 +391,55 @@ def _select_k(values: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor:
     return torch.sort(torch.cat([strict, ties])).values
 
 
-def _key_block(weights: torch.Tensor, b: int, seed: int, epoch: int, stream: tuple[int, ...]) -> torch.Tensor:
-    """Keys ``E_i / w_i`` of block ``b``, with ``E = -log(1 - U) ~ Exp(1)`` from a float64 uniform ``U``
-    (inverse CDF: half the cost of ``Tensor.exponential_`` here). A zero weight gives ``+inf`` (or NaN in the
-    2**-53 case ``E = 0``: NaN compares false everywhere, so it is never selected either)."""
+class _KeyForm:
+    """How keys ``E / w`` are formed for one weight vector, so that they neither overflow nor underflow.
+
+    - plain: ``E / w`` (weights with a largest entry within ``2**+-64`` and no positive entry below ``2**-1000``
+      relative: every key is a normal float64);
+    - scaled: ``E / (w * 2**k)``, the largest weight brought to ``[0.5, 1)`` (exact, so the same order of keys
+      and the same selection as any scaled copy of the weights, e.g. ``1e-320`` or ``1e308`` weights);
+    - log: ``log(E) - log(w)`` when positive weights span more than ``2**1000`` (``E / w`` would overflow to
+      ``inf`` and tie), the same order as ``E / w`` in exact arithmetic.
+    """
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        smallest, largest = (float(x) for x in torch.aminmax(weights))
+        self.factors = _scale_factors(largest, 64)
+        self.log = False
+        if weights.dtype == torch.float64:  # float32 weights span at most 2**277: never needed
+            k = 0 if self.factors is None else -math.frexp(largest)[1]  # the scale is 2**k
+            low = math.ldexp(1.0, -1000 - k)  # positive weights below it would give keys beyond float64
+            if smallest > 0:
+                self.log = smallest < low
+            elif low > 0:  # zeros present: look for a positive weight below ``low`` (one more pass)
+                self.log = _first_index(weights, lambda c: (c > 0) & (c < low)) >= 0
+
+    def keys(self, e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Keys from ``Exp(1)`` draws ``e`` (float64, overwritten) and the matching weights ``w``."""
+        if self.log:
+            return e.log_().sub_(w.to(torch.float64).log())
+        if self.factors is not None:
+            return e.div_(w.to(torch.float64).mul(self.factors[0]).mul_(self.factors[1]))
+        return e.div_(w)
+
+
+def _key_block(
+    weights: torch.Tensor, b: int, seed: int, epoch: int, stream: tuple[int, ...], form: Optional[_KeyForm] = None
+) -> torch.Tensor:
+    """Keys ``E_i / w_i`` of block ``b`` (formed by ``form``), with ``E = -log(1 - U) ~ Exp(1)`` from a float64
+    uniform ``U`` (inverse CDF: half the cost of ``Tensor.exponential_`` here). A zero weight gives ``+inf``
+    (or NaN in the 2**-53 case ``E = 0``: NaN compares false everywhere, so it is never selected either)."""
     s = b * KEY_BLOCK
     w = weights[s : s + KEY_BLOCK]
     g = epoch_generator(seed, epoch, _S_KEYS, *stream, b)
     keys = torch.rand(w.numel(), dtype=torch.float64, generator=g)
     keys.neg_().log1p_().neg_()
-    return keys.div_(w)
+    return (form or _KeyForm(weights)).keys(keys, w)
 
 
-def _cutoff_sample(weights: torch.Tensor, seed: int, epoch: int, stream: tuple[int, ...]) -> torch.Tensor:
+def _cutoff_sample(
+    weights: torch.Tensor, seed: int, epoch: int, stream: tuple[int, ...], form: _KeyForm
+) -> torch.Tensor:
     """Sorted keys of ``_KEY_SAMPLE`` uniformly random positions, each with its own fresh ``Exp(1)`` draw.
 
     Each sampled key is ``<= t`` with probability exactly ``F(t) / N``, where ``F(t)`` is the expected number
@@ -388,7 +449,7 @@ def _cutoff_sample(weights: torch.Tensor, seed: int, epoch: int, stream: tuple[i
     g = epoch_generator(seed, epoch, _S_KEY_SAMPLE, *stream)
     pos = torch.randint(weights.numel(), (_KEY_SAMPLE,), generator=g)
     e = torch.rand(_KEY_SAMPLE, dtype=torch.float64, generator=g).neg_().log1p_().neg_()
-    return torch.sort(e.div_(weights[pos])).values
+    return torch.sort(form.keys(e, weights[pos])).values
 
 
 def _k_smallest_keys(
@@ -398,11 +459,12 @@ def _k_smallest_keys(
     keys fit one block, else ascending within each of two groups (below the cut-off, then the band)."""
     n = weights.numel()
     nb = -(-n // KEY_BLOCK)
+    form = _KeyForm(weights)
     if nb == 1:
-        keys = _key_block(weights, 0, seed, epoch, stream)
+        keys = _key_block(weights, 0, seed, epoch, stream, form)
         keys.masked_fill_(weights == 0, math.inf)  # no NaN for topk / kthvalue
         return _select_k(keys, k, largest=False).to(index_dtype)
-    sample_sorted = _cutoff_sample(weights, seed, epoch, stream)
+    sample_sorted = _cutoff_sample(weights, seed, epoch, stream, form)
     s = sample_sorted.numel()
     q = k / n
     # the cut-off's rank in the sample +- z standard deviations of a binomial count (+2 for rounding); the
@@ -424,7 +486,7 @@ def _k_smallest_keys(
         band_idx: list[torch.Tensor] = []
         count_below = 0
         for b in range(nb):
-            keys = _key_block(weights, b, seed, epoch, stream)
+            keys = _key_block(weights, b, seed, epoch, stream, form)
             cand = torch.nonzero(keys <= t_hi if math.isfinite(t_hi) else keys < math.inf).squeeze(1)
             ck = keys[cand]
             del keys
@@ -464,7 +526,10 @@ def weighted_sample_without_replacement(
 
     Method: exponential keys ``E_i / w_i`` (``E_i ~ Exp(1)``), the ``num_samples`` smallest win (Efraimidis &
     Spirakis 2006); zero weights get infinite keys and are never chosen. Streamed over blocks of
-    :data:`KEY_BLOCK` keys (see the module docstring), so N = 1e8 needs no full-size key array.
+    :data:`KEY_BLOCK` keys (see the module docstring), so N = 1e8 needs no full-size key array. Weights near
+    the ends of float64 (``1e308``, subnormal ``1e-320``) are rescaled by a power of two first (the selection of
+    any scaled copy), and positive weights spanning more than ``2**1000`` use keys ``log E_i - log w_i`` (the
+    same order), so no two keys tie at ``inf`` or ``0``.
 
     Args:
         weights: 1-D non-negative weights with at least ``num_samples`` positive entries.
@@ -534,7 +599,7 @@ def _order(sel: torch.Tensor, seed: int, epoch: int, shuffle: bool, stream: tupl
 def _check_scores(scores: Any, name: str = "scores", *, non_negative: bool) -> torch.Tensor:
     t = as_tensor(scores, name)
     if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must be real numbers; got {_short(t)}")
+        raise TypeError(f"{name} must be real numbers; got {short_repr(t)}")
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
     if t.numel() == 0:
@@ -630,11 +695,11 @@ def _split_counts(num_samples: int, random_fraction: float) -> tuple[int, int]:
 
 
 def _quotas(
-    labels: torch.Tensor, num_classes: int, pool: torch.Tensor, n: int, min_per_class: int
+    class_ids: torch.Tensor, num_classes: int, pool: torch.Tensor, n: int, min_per_class: int
 ) -> torch.Tensor:
     from torch_pretrain_update.sampling.plans import stratified_quotas  # the same quotas as StratifiedSampler
 
-    counts = torch.bincount(labels[pool], minlength=num_classes)
+    counts = torch.bincount(class_ids[pool], minlength=num_classes)
     return stratified_quotas(counts, n, min_per_class=min_per_class)
 
 
@@ -670,11 +735,12 @@ def _validate_plan_args(
             f"num_samples must be <= the number of selectable indices ({pool_size} of {n} after exclude) "
             f"without replacement; got {num_samples}"
         )
-    lab, num_classes = None, 0
+    lab, class_ids, classes = None, None, None
     if labels is not None:
-        lab, num_classes = check_labels(labels, "stratify")
+        lab, _ = check_labels(labels, "stratify", max_classes=None)  # grouping only: any label value
         if lab.numel() != n:
             raise ValueError(f"stratify must have one label per score ({n}); got {lab.numel()} labels")
+        class_ids, classes = compact_labels(lab)  # classes = the distinct label values, ascending
     n_score, n_rand = _split_counts(num_samples, random_fraction)
     return {
         "scores": s,
@@ -685,7 +751,9 @@ def _validate_plan_args(
         "random_fraction": random_fraction,
         "mask": mask,
         "labels": lab,
-        "num_classes": num_classes,
+        "class_ids": class_ids,
+        "classes": classes,
+        "num_classes": 0 if classes is None else classes.numel(),
         "min_per_class": min_per_class,
         "n_score": n_score,
         "n_rand": n_rand,
@@ -716,7 +784,7 @@ class _PlanInputs:
                 w[mask] = 0.0
             self.weights = w
         if self.labels is not None and self.n_score > 0:
-            self.quotas = _quotas(self.labels, self.num_classes, self.pool, self.n_score, self.min_per_class)
+            self.quotas = _quotas(self.class_ids, self.num_classes, self.pool, self.n_score, self.min_per_class)
         if self.weights is not None:
             self._check_positive()
 
@@ -724,12 +792,13 @@ class _PlanInputs:
         w = self.weights
         if self.replacement:  # any positive weight will do (checked globally above); per class below
             if self.quotas is not None:
-                pos_per_class = torch.bincount(self.labels[w > 0], minlength=self.num_classes)
+                pos_per_class = torch.bincount(self.class_ids[w > 0], minlength=self.num_classes)
                 short = torch.nonzero((self.quotas > 0) & (pos_per_class == 0)).squeeze(1)
                 if short.numel():
                     c = int(short[0])
                     raise ValueError(
-                        f"stratify: class {c} has quota {int(self.quotas[c])} but no positive selectable "
+                        f"stratify: class {int(self.classes[c])} has quota {int(self.quotas[c])} but no positive "
+                        "selectable "
                         "score to draw from; use mode='topk' or a larger temperature"
                     )
             return
@@ -742,13 +811,13 @@ class _PlanInputs:
                     "replacement=True, a larger temperature, random_fraction > 0 or mode='topk'"
                 )
             return
-        pos_per_class = torch.bincount(self.labels[w > 0], minlength=self.num_classes)
+        pos_per_class = torch.bincount(self.class_ids[w > 0], minlength=self.num_classes)
         short = torch.nonzero(self.quotas > pos_per_class).squeeze(1)
         if short.numel():
             c = int(short[0])
             raise ValueError(
-                f"stratify: class {c} has quota {int(self.quotas[c])} but only {int(pos_per_class[c])} "
-                "positive selectable scores for a proportional draw without replacement; use "
+                f"stratify: class {int(self.classes[c])} has quota {int(self.quotas[c])} but only "
+                f"{int(pos_per_class[c])} positive selectable scores for a proportional draw without replacement; use "
                 "replacement=True or mode='topk'"
             )
 
@@ -760,7 +829,8 @@ class _PlanInputs:
         return self._pool
 
     def class_members(self, c: int) -> torch.Tensor:
-        return self.pool[self.labels[self.pool] == c]
+        """Selectable indices of the ``c``-th class present (label value ``classes[c]``)."""
+        return self.pool[self.class_ids[self.pool] == c]
 
 
 def _score_part(inp: _PlanInputs, seed: int, epoch: int) -> torch.Tensor:
@@ -776,7 +846,8 @@ def _score_part(inp: _PlanInputs, seed: int, epoch: int) -> torch.Tensor:
             continue
         members = inp.class_members(c)
         w = inp.weights[members] if inp.weights is not None else None
-        local = _score_draw(inp, inp.scores[members], w, None, q, seed, epoch, (_S_CLASS, c))
+        # the class's draws are keyed by its label value, not by its rank among the classes present
+        local = _score_draw(inp, inp.scores[members], w, None, q, seed, epoch, (_S_CLASS, int(inp.classes[c])))
         parts.append(members[local])
     return torch.cat(parts)
 
@@ -926,11 +997,13 @@ def _mixture_probabilities(inp: _PlanInputs, indices: torch.Tensor) -> torch.Ten
             num += inp.n_score * w / float(inp.weights.sum())
         else:
             class_w = torch.zeros(inp.num_classes, dtype=torch.float64)
-            class_w.index_add_(0, inp.labels, inp.weights)
-            c = inp.labels[idx]
+            class_w.index_add_(0, inp.class_ids, inp.weights)
+            c = inp.class_ids[idx]
             qc = inp.quotas[c].to(torch.float64)
             wc = class_w[c]
-            num += torch.where(wc > 0, qc * w / wc.clamp_min(1e-300), torch.zeros((), dtype=torch.float64))
+            # w / W_c first: both may be tiny (a class of subnormal weights) while their ratio is not
+            ratio = w / torch.where(wc > 0, wc, torch.ones((), dtype=torch.float64))
+            num += torch.where(wc > 0, qc * ratio, torch.zeros((), dtype=torch.float64))
     if inp.n_rand > 0:
         num += inp.n_rand / inp.pool_size
     if inp.mask is not None:

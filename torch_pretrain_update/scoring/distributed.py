@@ -16,18 +16,24 @@ Seeds
 Scoring
     :func:`score_dataset` splits a map-style dataset across ranks, scores each rank's share once and all-gathers
     the scores so that every rank holds the full, identical vector, bit-for-bit equal to single-process scoring.
+    It also takes an iterable of dict samples that carry their index (``"__index__"``, as
+    :class:`~torch_pretrain_update.data.shard_dataset.ShardDataset` samples do): each rank scores what its own
+    iterable yields, and the scores are gathered and put in place by index.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset, default_collate
 
 from torch_pretrain_update._checks import check_bool, check_choice, check_int
 from torch_pretrain_update.scoring.scores import SCORE_NAMES, compute_scores
@@ -111,8 +117,62 @@ def _default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
         return model(batch[0])
     raise TypeError(
         "score_dataset: a sample must be a tensor or a (input, ...) tuple/list to be scored by default; got a "
-        f"batch of type {type(batch).__name__}. Pass forward=lambda model, batch: model(...) for other layouts."
+        f"batch of type {type(batch).__name__}. Pass forward=lambda model, batch: model(...) for other layouts, "
+        "or input_key= (e.g. input_key=\"npy\") for dict samples."
     )
+
+
+class _KeyForward:
+    """The default forward for dict batches: ``model(batch[input_key])``."""
+
+    def __init__(self, input_key: str) -> None:
+        self.input_key = input_key
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        if not isinstance(batch, Mapping) or self.input_key not in batch:
+            keys = sorted(batch) if isinstance(batch, Mapping) else None
+            raise TypeError(f"score_dataset: input_key={self.input_key!r} needs dict batches holding that key; got "
+                            + (f"a dict with keys {keys}" if keys is not None else f"a {type(batch).__name__}"))
+        return model(batch[self.input_key])
+
+
+_ITERABLE_HINT = ("dataset must be a map-style dataset (with __len__ and __getitem__) or an iterable of dict samples "
+                  "that carry their integer index under '__index__' (as ShardDataset samples do)")
+
+
+class _IndexedCollate:
+    """Collate a list of samples into ``(indices, batch)``: the ``"__index__"`` of each sample as an int64 tensor,
+    and ``collate_fn(samples)``. Runs where the batch is made (inside a DataLoader worker when there are any)."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list[Any]) -> tuple[torch.Tensor, Any]:
+        indices = []
+        for sample in samples:
+            if not isinstance(sample, Mapping) or "__index__" not in sample:
+                what = (f"a dict without '__index__' (keys {sorted(sample)})" if isinstance(sample, Mapping)
+                        else f"a sample of type {type(sample).__name__}")
+                raise TypeError(f"{_ITERABLE_HINT}; got {what}")
+            try:
+                i = operator.index(sample["__index__"])
+            except TypeError:
+                raise TypeError(f"{_ITERABLE_HINT}; got '__index__'={sample['__index__']!r}") from None
+            if i < 0:
+                raise ValueError(f"score_dataset: a sample's '__index__' must be >= 0; got {i}")
+            indices.append(i)
+        return torch.tensor(indices, dtype=torch.int64), self.collate_fn(samples)
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -124,14 +184,81 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _check_dataset(dataset: Any) -> int:
-    if isinstance(dataset, IterableDataset) or not (
-        hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
-    ):
-        raise TypeError(
-            "dataset must be a map-style dataset (with __len__ and __getitem__, not an IterableDataset); "
-            f"got {type(dataset).__name__}"
-        )
-    return len(dataset)
+    """``len(dataset)`` for a map-style dataset, -1 for an iterable of indexed samples (checked as they come)."""
+    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        return len(dataset)
+    if isinstance(dataset, Iterable):
+        return -1
+    raise TypeError(f"{_ITERABLE_HINT}; got {type(dataset).__name__}")
+
+
+def _output_scores(output: Any, rows: int, score: str, from_logits: bool, where: str) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != rows:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"model output must be a (batch, classes) tensor; got {shape} for a batch of {rows} samples "
+                         f"({where})")
+    try:
+        return compute_scores(output, score, from_logits=from_logits, name="model output")
+    except ValueError as exc:  # say which samples: the scores module only knows batch rows
+        raise ValueError(f"{exc} ({where})") from exc
+
+
+def _score_iterable(
+    model: nn.Module,
+    dataset: Iterable[Any],
+    *,
+    score: str,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    from_logits: bool,
+    forward: ForwardFn,
+    collate_fn: Callable[[list[Any]], Any],
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, scores)`` of the samples ``dataset`` yields here, in batches of consecutive samples."""
+    collate = _IndexedCollate(collate_fn)
+    batches: Any
+    if num_workers > 0:
+        if not isinstance(dataset, IterableDataset):
+            raise ValueError(f"num_workers={num_workers} needs a map-style dataset or a torch IterableDataset (which "
+                             "splits itself between the workers); a plain iterable is read here: pass num_workers=0")
+        batches = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                             pin_memory=device.type == "cuda")
+    else:
+        batches = (collate(chunk) for chunk in _batched(dataset, batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="score_dataset", unit="batch")
+    indices, scores = [torch.empty(0, dtype=torch.int64)], [torch.empty(0, dtype=torch.float32)]
+    for idx, batch in batches:
+        where = f"batch of samples with '__index__' {idx[0].item()}..." if idx.numel() else "an empty batch"
+        output = forward(model, _to_device(batch, device))
+        scores.append(_output_scores(output, idx.numel(), score, from_logits, where).float().cpu())
+        indices.append(idx)
+    return torch.cat(indices), torch.cat(scores)
+
+
+def _place_by_index(parts: list[tuple[torch.Tensor, torch.Tensor]], num_samples: int | None) -> torch.Tensor:
+    """Scores put at their ``__index__`` from the ranks' ``(indices, scores)`` (rank order). An index scored more
+    than once (a stream's padding repeats) keeps its first score of the lowest rank; every index of
+    ``range(N)`` must be scored (``N = num_samples``, else the largest index + 1)."""
+    idx = torch.cat([p[0] for p in parts]).numpy()
+    val = torch.cat([p[1] for p in parts])
+    n = num_samples if num_samples is not None else (int(idx.max()) + 1 if idx.size else 0)
+    if idx.size and int(idx.max()) >= n:
+        raise ValueError(f"score_dataset: a sample has '__index__' {int(idx.max())}, outside range(num_samples="
+                         f"{n})")
+    unique, first = np.unique(idx, return_index=True)  # first occurrence in rank-major order
+    if unique.size != n:
+        missing = np.setdiff1d(np.arange(n), unique)
+        raise ValueError(f"score_dataset: {missing.size} of the {n} indices were scored by no rank (e.g. "
+                         f"{missing[:5].tolist()}); together the ranks' iterables must yield every '__index__' in "
+                         f"range({n})")
+    out = torch.empty(n, dtype=torch.float32)
+    out[torch.from_numpy(unique)] = val[torch.from_numpy(first)]
+    return out
 
 
 def _score_range(
@@ -146,6 +273,7 @@ def _score_range(
     device: torch.device,
     from_logits: bool,
     forward: ForwardFn,
+    collate_fn: Optional[Callable[[list[Any]], Any]],
     progress: bool,
 ) -> torch.Tensor:
     """Scores of samples ``[start, stop)`` in batches of ``batch_size`` (``start`` is on a batch boundary)."""
@@ -157,6 +285,7 @@ def _score_range(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
+        collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
     )
     batches: Any = loader
@@ -168,16 +297,8 @@ def _score_range(
     for batch in batches:
         rows = min(batch_size, stop - start - pos)
         output = forward(model, _to_device(batch, device))
-        if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != rows:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ValueError(
-                f"model output must be a (batch, classes) tensor; got {shape} for a batch of {rows} samples "
-                f"(dataset indices {start + pos}..{start + pos + rows - 1})"
-            )
-        try:
-            out[pos : pos + rows] = compute_scores(output, score, from_logits=from_logits, name="model output")
-        except ValueError as exc:  # say which samples: the scores module only knows batch rows
-            raise ValueError(f"{exc} (batch of dataset indices {start + pos}..{start + pos + rows - 1})") from exc
+        where = f"dataset indices {start + pos}..{start + pos + rows - 1}"
+        out[pos : pos + rows] = _output_scores(output, rows, score, from_logits, where)
         pos += rows
     return out
 
@@ -194,8 +315,11 @@ def score_dataset(
     forward: Optional[ForwardFn] = None,
     group: Any = None,
     progress: bool = False,
+    input_key: Optional[str] = None,
+    collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+    num_samples: Optional[int] = None,
 ) -> torch.Tensor:
-    """Uncertainty score of every sample of a map-style dataset, computed once, shared by all ranks.
+    """Uncertainty score of every sample of a dataset, computed once, shared by all ranks.
 
     Without an initialised process group this is a plain loop: batches ``[0, B), [B, 2B), ...`` in dataset
     order through ``model`` (in eval mode, under ``torch.inference_mode``), each batch's output scored with
@@ -214,23 +338,42 @@ def score_dataset(
     (``torch.set_num_threads``; ``torchrun`` sets ``OMP_NUM_THREADS=1``) and, on CUDA, deterministic
     algorithms (``torch.use_deterministic_algorithms``).
 
+    **Iterables of indexed samples** (a stream, a generator, an ``IterableDataset``; also what a
+    :class:`~torch_pretrain_update.data.shard_dataset.ShardDataset` yields): every sample is a dict with its
+    integer index under ``"__index__"``. Each rank scores the samples *its* iterable yields (split the data
+    between ranks in the iterable, as the streams of this library and webdataset's ``split_by_node`` do), in
+    batches of ``batch_size`` consecutive samples; the ``(index, score)`` pairs are all-gathered and every rank
+    returns the vector of ``num_samples`` scores (default: the largest index + 1), element ``i`` the score of
+    the sample with ``"__index__" == i``. Every index must be scored by some rank; one scored twice (a stream's
+    padding repeat) keeps the lowest rank's first score. The result equals single-process scoring bit for bit
+    whenever each batch is the one a single process forms (each rank's share a run of whole batches of the
+    single-process order); otherwise each score is exact for the batch its sample came in, which for
+    batch-shape-dependent kernels (above) may differ in the last bits. For a map-style dataset such as
+    ``ShardDataset`` prefer passing the dataset itself: its batches are always the single-process ones.
+
     The model's ``training`` flag is restored afterwards. A ``DistributedDataParallel`` wrapper is unwrapped
     (``.module``) so that ranks with different numbers of batches never enter DDP's collectives. If any rank
     fails (bad output, NaN logits), every rank raises instead of hanging.
 
     Args:
         model: the model to score with; must already be on ``device``.
-        dataset: map-style dataset (``__len__`` + ``__getitem__``) of the same length on every rank. A sample is
-            a tensor or a tuple/list whose first element is the model input (e.g. ``(x, y)``).
+        dataset: map-style dataset (``__len__`` + ``__getitem__``) of the same length on every rank, or an
+            iterable of dict samples carrying ``"__index__"`` (this rank's share). A sample is a tensor, a
+            tuple/list whose first element is the model input (e.g. ``(x, y)``), or a dict (see ``input_key``).
         score: ``"entropy"``, ``"margin"`` or ``"least_confidence"``.
         batch_size: samples per forward pass.
         num_workers: DataLoader workers for loading.
         device: where inputs are sent; default: the device of the model's first parameter (else CPU).
         from_logits: the model outputs logits (``True``) or probabilities (``False``).
         forward: ``forward(model, batch) -> (B, C) tensor`` for other sample layouts (default: ``model(batch[0])``
-            for tuple/list batches, ``model(batch)`` for tensors).
+            for tuple/list batches, ``model(batch)`` for tensors, ``model(batch[input_key])`` with ``input_key``).
         group: process group (default: the default group, if initialised).
         progress: show a tqdm progress bar (rank 0 only).
+        input_key: for dict samples (e.g. ``ShardDataset``'s): the key holding the model input.
+        collate_fn: how samples become a batch (default ``torch.utils.data.default_collate``, which keeps string
+            metadata such as ``__key__`` as lists).
+        num_samples: for an iterable: the number of scores (default: the largest ``"__index__"`` + 1); for a
+            map-style dataset it must be ``len(dataset)`` if given.
 
     Returns:
         float32 CPU tensor of shape ``(len(dataset),)``; element ``i`` is the score of ``dataset[i]``.
@@ -239,6 +382,7 @@ def score_dataset(
 
         >>> scores = score_dataset(model, train_set, score="entropy", batch_size=512)
         >>> sampler = EntropySampler.from_scores(scores, ...)  # the same plan on every rank
+        >>> scores = score_dataset(model, ShardDataset(manifest), input_key="npy")  # shards, read by index
     """
     world, rank = _group_world(group)
     err: BaseException | None = None
@@ -253,25 +397,46 @@ def score_dataset(
         progress = check_bool(progress, "progress")
         if forward is not None and not callable(forward):
             raise TypeError(f"forward must be callable; got {type(forward).__name__}")
+        if input_key is not None and not isinstance(input_key, str):
+            raise TypeError(f"input_key must be a str or None; got {type(input_key).__name__}")
+        if forward is not None and input_key is not None:
+            raise ValueError("pass forward= or input_key=, not both (forward receives the whole batch)")
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"collate_fn must be callable; got {type(collate_fn).__name__}")
+        if num_samples is not None:
+            num_samples = check_int(num_samples, "num_samples", min_value=0)
         n = _check_dataset(dataset)
+        if n >= 0 and num_samples is not None and num_samples != n:
+            raise ValueError(f"num_samples must be len(dataset)={n} for a map-style dataset; got {num_samples}")
     except Exception as exc:  # re-raised below, after the other ranks have heard of it
         err = exc
         if world == 1:
             raise
     if world > 1:
-        info = _all_gather_int64([0 if err is not None else 1, n, batch_size if err is None else -1], group)
+        want = -1 if num_samples is None else num_samples
+        info = _all_gather_int64([0 if err is not None else 1, n, batch_size if err is None else -1, want], group)
         if err is not None:
             raise err
         _raise_if_failed(info[:, 0], "checking its arguments")
         if not bool((info[:, 1] == n).all()) or not bool((info[:, 2] == batch_size).all()):
             raise ValueError(
                 "score_dataset needs the same dataset length and batch_size on every rank; got len(dataset) "
-                f"{info[:, 1].tolist()} and batch_size {info[:, 2].tolist()} by rank"
+                f"{info[:, 1].tolist()} (-1: an iterable) and batch_size {info[:, 2].tolist()} by rank"
             )
+        if not bool((info[:, 3] == want).all()):
+            raise ValueError(f"score_dataset needs the same num_samples on every rank; got {info[:, 3].tolist()} "
+                             "(-1: None) by rank")
+    if forward is None:
+        forward = _default_forward if input_key is None else _KeyForward(input_key)
 
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     device = _model_device(model) if device is None else torch.device(device)
+    if n < 0:
+        return _score_iterable_on_ranks(model, dataset, world, rank, group, score=score, batch_size=batch_size,
+                                        num_workers=num_workers, device=device, from_logits=from_logits,
+                                        forward=forward, collate_fn=collate_fn or default_collate,
+                                        num_samples=num_samples, progress=progress and rank == 0)
     shares = score_shares(n, batch_size, world)
     start, stop = shares[rank]
 
@@ -290,7 +455,8 @@ def score_dataset(
                 num_workers=num_workers,
                 device=device,
                 from_logits=from_logits,
-                forward=forward or _default_forward,
+                forward=forward,
+                collate_fn=collate_fn,
                 progress=progress and rank == 0,
             )
     except Exception as exc:
@@ -317,6 +483,44 @@ def score_dataset(
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([p[: stop_ - start_].cpu() for p, (start_, stop_) in zip(parts, shares)])
+
+
+def _score_iterable_on_ranks(model: nn.Module, dataset: Iterable[Any], world: int, rank: int, group: Any, *,
+                             num_samples: Optional[int], **kw: Any) -> torch.Tensor:
+    """The iterable path of :func:`score_dataset`: score this rank's samples, gather ``(index, score)`` pairs,
+    place them by index (every rank raises if any failed)."""
+    err: BaseException | None = None
+    local = (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            local = _score_iterable(model, dataset, **kw)
+    except Exception as exc:
+        if world == 1:
+            raise
+        err = exc
+    finally:
+        model.train(was_training)
+    if world == 1:
+        return _place_by_index([local], num_samples)
+    status = _all_gather_int64([0 if err is not None else 1, local[0].numel()], group)
+    if err is not None:
+        raise err
+    _raise_if_failed(status[:, 0], "scoring its share")
+    counts = status[:, 1].tolist()
+    longest = max(counts)
+    dev = _comm_device(group)
+    idx = torch.full((longest,), -1, dtype=torch.int64, device=dev)
+    val = torch.zeros(longest, dtype=torch.float32, device=dev)
+    idx[: counts[rank]] = local[0].to(dev)
+    val[: counts[rank]] = local[1].to(dev)
+    idx_parts = [torch.empty_like(idx) for _ in range(world)]
+    val_parts = [torch.empty_like(val) for _ in range(world)]
+    dist.all_gather(idx_parts, idx, group=group)
+    dist.all_gather(val_parts, val, group=group)
+    parts = [(i[:c].cpu(), v[:c].cpu()) for i, v, c in zip(idx_parts, val_parts, counts)]
+    return _place_by_index(parts, num_samples)  # the same data on every rank: the same result, or the same error
 
 
 def _raise_if_failed(ok: torch.Tensor, stage: str) -> None:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from torch_pretrain_update._checks import _short, check_float, first_bad_row
+from torch_pretrain_update._checks import check_float, first_bad_row, short_repr
 from torch_pretrain_update.training.sparse_teacher import SparseTeacher
 
 __all__: list[str] = []
@@ -21,7 +21,7 @@ def _check_logits(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype; got {_short(x)}")
+        raise TypeError(f"{name} must have a floating dtype; got {short_repr(x)}")
     if x.ndim not in (2, 3):
         raise ValueError(
             f"{name} must be (B, C) or (B, L, C) for token-level distillation; got shape {tuple(x.shape)}"
@@ -68,15 +68,15 @@ def _check_positions(x: object, name: str, student: torch.Tensor, *, kind: str) 
         raise TypeError(f"{name} must be a torch.Tensor of shape {pos}; got {type(x).__name__}")
     if kind == "target":
         if x.is_floating_point() or x.dtype == torch.bool or x.is_complex():
-            raise TypeError(f"{name} must hold integer class indices; got {_short(x)}")
+            raise TypeError(f"{name} must hold integer class indices; got {short_repr(x)}")
         ok = tuple(x.shape) == pos
     elif kind == "mask":
         if x.dtype != torch.bool:
-            raise TypeError(f"{name} must be a bool tensor; got {_short(x)}")
+            raise TypeError(f"{name} must be a bool tensor; got {short_repr(x)}")
         ok = tuple(x.shape) == pos
     else:
         if not x.is_floating_point() and x.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be a float tensor; got {_short(x)}")
+            raise TypeError(f"{name} must be a float tensor; got {short_repr(x)}")
         ok = tuple(x.shape) == pos or (len(pos) == 2 and tuple(x.shape) == pos[:1])
     if not ok:
         allowed = f"{pos}" + (f" or {pos[:1]}" if kind == "weight" and len(pos) == 2 else "")

@@ -13,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from torch_pretrain_update._checks import _short, check_float
+from torch_pretrain_update._checks import check_float, short_repr
 
 __all__: list[str] = []
 
@@ -24,7 +24,7 @@ Scheduler = Union[LRScheduler, ReduceLROnPlateau]
 # --------------------------------------------------------------------------------------------- input checks
 def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {_short(model)} of type {type(model).__name__}")
+        raise TypeError(f"model must be a torch.nn.Module; got {short_repr(model)} of type {type(model).__name__}")
     return model
 
 
@@ -34,7 +34,7 @@ def _as_patterns(patterns: Any, name: str) -> list[str]:
         return [patterns]
     if isinstance(patterns, (bytes, bytearray)) or not isinstance(patterns, Sequence):
         raise TypeError(
-            f"{name} must be a str or a sequence of str (glob patterns); got {_short(patterns)} "
+            f"{name} must be a str or a sequence of str (glob patterns); got {short_repr(patterns)} "
             f"of type {type(patterns).__name__}"
         )
     out = list(patterns)
@@ -43,7 +43,7 @@ def _as_patterns(patterns: Any, name: str) -> list[str]:
     for i, p in enumerate(out):
         if not isinstance(p, str):
             raise TypeError(
-                f"{name}[{i}] must be a str (a glob pattern); got {_short(p)} of type {type(p).__name__}"
+                f"{name}[{i}] must be a str (a glob pattern); got {short_repr(p)} of type {type(p).__name__}"
             )
     return out
 
@@ -51,7 +51,7 @@ def _as_patterns(patterns: Any, name: str) -> list[str]:
 def _check_optimizer(optimizer: Any, name: str = "optimizer") -> Optimizer:
     if not isinstance(optimizer, Optimizer):
         raise TypeError(
-            f"{name} must be a torch.optim.Optimizer; got {_short(optimizer)} of type {type(optimizer).__name__}"
+            f"{name} must be a torch.optim.Optimizer; got {short_repr(optimizer)} of type {type(optimizer).__name__}"
         )
     return optimizer
 
@@ -59,7 +59,7 @@ def _check_optimizer(optimizer: Any, name: str = "optimizer") -> Optimizer:
 def _check_schedulers(schedulers: Any, optimizer: Optional[Optimizer]) -> list[Scheduler]:
     if isinstance(schedulers, (str, bytes)) or not isinstance(schedulers, Sequence):
         raise TypeError(
-            f"schedulers must be a sequence of torch.optim.lr_scheduler objects; got {_short(schedulers)} "
+            f"schedulers must be a sequence of torch.optim.lr_scheduler objects; got {short_repr(schedulers)} "
             f"of type {type(schedulers).__name__}"
         )
     out = list(schedulers)
@@ -69,7 +69,7 @@ def _check_schedulers(schedulers: Any, optimizer: Optional[Optimizer]) -> list[S
         if not isinstance(s, (LRScheduler, ReduceLROnPlateau)):
             raise TypeError(
                 f"schedulers[{i}] must be a torch.optim.lr_scheduler.LRScheduler or ReduceLROnPlateau; "
-                f"got {_short(s)} of type {type(s).__name__}"
+                f"got {short_repr(s)} of type {type(s).__name__}"
             )
         if getattr(s, "optimizer", None) is not optimizer:
             raise ValueError(f"schedulers[{i}] ({type(s).__name__}) drives a different optimizer than `optimizer`")

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from torch_pretrain_update._checks import _short, check_bool
+from torch_pretrain_update._checks import check_bool, short_repr
 from torch_pretrain_update.training._params import (
     Patterns,
     Scheduler,
@@ -189,7 +189,7 @@ def unfreeze(
         for key, value in (("lr", lr), ("no_decay", no_decay), ("layer_decay", layer_decay), ("layers", layers)):
             if value is not None:
                 raise ValueError(
-                    f"{key}={_short(value)} was given but optimizer is None; it shapes the param groups added "
+                    f"{key}={short_repr(value)} was given but optimizer is None; it shapes the param groups added "
                     "to the optimizer"
                 )
     table = _param_table(model)

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from torch_pretrain_update._checks import _short, check_bool, check_float, check_int
+from torch_pretrain_update._checks import check_bool, check_float, check_int, short_repr
 from torch_pretrain_update.training._kernels import (
     _compute_dtype,
     _dkd_kernel,
@@ -265,7 +265,7 @@ def pseudo_label_loss(
 def _channel_dim(x: object, dim: int, name: str) -> int:
     """The non-negative channel dimension ``dim`` of features ``x`` (at least 2-D, not the batch dimension)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point torch.Tensor; got {_short(x)}")
+        raise TypeError(f"{name} must be a floating-point torch.Tensor; got {short_repr(x)}")
     if x.ndim < 2:
         raise ValueError(f"{name} must be at least 2-D (B, D, ...); got shape {tuple(x.shape)}")
     d = dim if dim >= 0 else x.ndim + dim
@@ -302,7 +302,7 @@ def feature_hint_loss(
     dim = check_int(dim, "dim")
     check_finite = check_bool(check_finite, "check_finite")
     if regressor is not None and not callable(regressor):
-        raise TypeError(f"regressor must be callable (e.g. an nn.Linear) or None; got {_short(regressor)}")
+        raise TypeError(f"regressor must be callable (e.g. an nn.Linear) or None; got {short_repr(regressor)}")
     fs = student_features.movedim(_channel_dim(student_features, dim, "student_features"), -1)
     ft = teacher_features.detach().movedim(_channel_dim(teacher_features, dim, "teacher_features"), -1)
     if fs.shape[:-1] != ft.shape[:-1]:
@@ -330,7 +330,7 @@ def feature_hint_loss(
         loss = sq.mean()
     else:
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (b,):
-            raise ValueError(f"weight must be a tensor of shape ({b},); got {_short(weight)}")
+            raise ValueError(f"weight must be a tensor of shape ({b},); got {short_repr(weight)}")
         if weight.device != fs.device:
             raise ValueError(f"weight must be on the student's device {fs.device}; got {weight.device}")
         _validate_values(None, weight, 1)

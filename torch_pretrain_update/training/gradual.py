@@ -9,7 +9,7 @@ from typing import Any, Union
 from torch import nn
 from torch.optim import Optimizer
 
-from torch_pretrain_update._checks import _short, check_bool, check_float
+from torch_pretrain_update._checks import check_bool, check_float, short_repr
 from torch_pretrain_update.training._params import (
     Patterns,
     Scheduler,
@@ -88,7 +88,7 @@ class GradualUnfreezing:
         if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or len(stages) == 0:
             raise TypeError(
                 f"stages must be a non-empty sequence of stages (each a pattern or a sequence of patterns); "
-                f"got {_short(stages)}"
+                f"got {short_repr(stages)}"
             )
         self.stages = [_as_patterns(s, f"stages[{i}]") for i, s in enumerate(stages)]
         table = _param_table(model)

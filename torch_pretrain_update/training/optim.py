@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 from torch import nn
 from torch.optim import Optimizer
 
-from torch_pretrain_update._checks import _short, check_bool, check_float
+from torch_pretrain_update._checks import check_bool, check_float, short_repr
 from torch_pretrain_update.training._params import (
     Patterns,
     _as_patterns,
@@ -91,13 +91,13 @@ def _no_weight_decay_names(model: nn.Module) -> list[str]:
     names = hook()
     if isinstance(names, str) or not isinstance(names, Iterable):
         raise TypeError(
-            f"model.no_weight_decay() must return a collection of parameter names; got {_short(names)} "
+            f"model.no_weight_decay() must return a collection of parameter names; got {short_repr(names)} "
             f"of type {type(names).__name__}"
         )
     names = list(names)
     for n in names:
         if not isinstance(n, str):
-            raise TypeError(f"model.no_weight_decay() must return parameter names (str); got {_short(n)} in it")
+            raise TypeError(f"model.no_weight_decay() must return parameter names (str); got {short_repr(n)} in it")
     return names
 
 
@@ -117,7 +117,7 @@ def _check_layers(layers: Any) -> tuple[tuple[str, ...], ...]:
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
         raise TypeError(
             f"layers must be a non-empty sequence (bottom to top) whose entries are a pattern or a sequence of "
-            f"patterns; got {_short(layers)}"
+            f"patterns; got {short_repr(layers)}"
         )
     return tuple(tuple(_as_patterns(entry, f"layers[{i}]")) for i, entry in enumerate(layers))
 
@@ -250,7 +250,7 @@ def partial_optimizer(
     if not (inspect.isclass(optimizer_cls) and issubclass(optimizer_cls, Optimizer)):
         raise TypeError(
             f"optimizer_cls must be a torch.optim.Optimizer subclass (e.g. torch.optim.AdamW); got "
-            f"{_short(optimizer_cls)} of type {type(optimizer_cls).__name__}"
+            f"{short_repr(optimizer_cls)} of type {type(optimizer_cls).__name__}"
         )
     pats = _as_patterns(trainable, "trainable")
     rule = _make_rule(no_decay, layer_decay, layers)

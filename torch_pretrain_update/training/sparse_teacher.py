@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from torch_pretrain_update._checks import _short, check_int, first_bad_row
+from torch_pretrain_update._checks import check_int, first_bad_row, short_repr
 
 __all__ = ["SparseTeacher"]
 
@@ -45,10 +45,10 @@ class SparseTeacher:
 
     def __init__(self, log_probs: torch.Tensor, indices: torch.Tensor) -> None:
         if not isinstance(log_probs, torch.Tensor) or not log_probs.is_floating_point():
-            raise TypeError(f"log_probs must be a floating-point torch.Tensor; got {_short(log_probs)}")
+            raise TypeError(f"log_probs must be a floating-point torch.Tensor; got {short_repr(log_probs)}")
         if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool \
                 or indices.is_complex():
-            raise TypeError(f"indices must be an integer torch.Tensor; got {_short(indices)}")
+            raise TypeError(f"indices must be an integer torch.Tensor; got {short_repr(indices)}")
         if log_probs.ndim == 0 or log_probs.shape != indices.shape:
             raise ValueError(
                 f"log_probs and indices must have the same shape (..., k); got {tuple(log_probs.shape)} and "
@@ -67,7 +67,7 @@ class SparseTeacher:
     def from_logits(cls, logits: torch.Tensor, k: int) -> SparseTeacher:
         """The top ``k`` classes of ``log_softmax(logits)`` (computed in at least float32)."""
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-            raise TypeError(f"logits must be a floating-point torch.Tensor; got {_short(logits)}")
+            raise TypeError(f"logits must be a floating-point torch.Tensor; got {short_repr(logits)}")
         if logits.ndim == 0:
             raise ValueError("logits must have a class dimension; got a 0-d tensor")
         k = check_int(k, "k", min_value=1, max_value=logits.shape[-1])

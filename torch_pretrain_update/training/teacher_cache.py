@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from webdataset.handlers import reraise_exception
 
-from torch_pretrain_update._checks import _short, check_bool, check_int
+from torch_pretrain_update._checks import check_bool, check_int, short_repr
 from torch_pretrain_update.data.decode import UNSAFE_EXTENSIONS, SafeDecoder, UnsafeMemberError
 from torch_pretrain_update.data.shards import (
     ShardManifest,
@@ -168,7 +168,7 @@ class _TeacherRunner:
                     f"{tuple(logits.shape)}"
                 )
             if not logits.is_floating_point():
-                raise TypeError(f"model output must be floating-point logits; got {_short(logits)}")
+                raise TypeError(f"model output must be floating-point logits; got {short_repr(logits)}")
             c = logits.shape[-1]
             if self.num_classes is None:
                 self.num_classes = c
@@ -277,7 +277,7 @@ def _loader_batches(
         if parts is None or not parts or not isinstance(parts[0], torch.Tensor):
             raise TypeError(
                 f"batch {b} must be an inputs tensor or a tuple/list (inputs, ...) with a tensor first; got "
-                f"{_short(batch) if parts is None else type(parts[0]).__name__ + ' first'}"
+                f"{short_repr(batch) if parts is None else type(parts[0]).__name__ + ' first'}"
             )
         if len(parts) > len(batch_keys):
             raise ValueError(
@@ -518,7 +518,7 @@ def _check_teacher_members(sample: dict[str, Any]) -> None:
         if arr is None:
             continue
         if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
-            raise ValueError(f"{where}: teacher member {name!r} must be a float array; got {_short(arr)}")
+            raise ValueError(f"{where}: teacher member {name!r} must be a float array; got {short_repr(arr)}")
         finite = np.isfinite(arr)
         if not finite.all():
             bad = arr[~finite].reshape(-1)[0]
@@ -527,7 +527,7 @@ def _check_teacher_members(sample: dict[str, Any]) -> None:
         if not isinstance(idx, np.ndarray) or idx.dtype.kind not in "iu" or idx.shape != lp.shape:
             raise ValueError(
                 f"{where}: {TEACHER_TOPK_INDICES_KEY!r} must be an integer array shaped like the top-k values "
-                f"{lp.shape}; got {_short(idx)}"
+                f"{lp.shape}; got {short_repr(idx)}"
             )
 
 
@@ -615,7 +615,8 @@ def teacher_targets(
                 return [s[name] for s in samples]
             return None
     else:
-        raise TypeError(f"batch must be a sample dict, a list of them or a collated batch dict; got {_short(batch)}")
+        raise TypeError(
+            f"batch must be a sample dict, a list of them or a collated batch dict; got {short_repr(batch)}")
     dense = get(TEACHER_LOGITS_KEY)
     lp, idx = get(TEACHER_TOPK_LOGPROBS_KEY), get(TEACHER_TOPK_INDICES_KEY)
     if dense is not None:
