@@ -28,9 +28,13 @@ from torch_pretrain_update.sampling.rounds import *  # noqa: F403
 from torch_pretrain_update.sampling.samplers import *  # noqa: F403
 from torch_pretrain_update.sampling.weighted_plans import *  # noqa: F403
 from torch_pretrain_update.sampling.weighted_sampler import *  # noqa: F403
+from torch_pretrain_update.scoring import clusters as _clusters
+from torch_pretrain_update.scoring import dedup as _dedup
 from torch_pretrain_update.scoring import distributed as _distributed
 from torch_pretrain_update.scoring import scores as _scores
 from torch_pretrain_update.scoring import weights as _weights
+from torch_pretrain_update.scoring.clusters import *  # noqa: F403
+from torch_pretrain_update.scoring.dedup import *  # noqa: F403
 from torch_pretrain_update.scoring.distributed import *  # noqa: F403
 from torch_pretrain_update.scoring.scores import *  # noqa: F403
 from torch_pretrain_update.scoring.weights import *  # noqa: F403
@@ -56,4 +60,5 @@ __all__ = [*_scores.__all__, *_weights.__all__, *_distributed.__all__, *_freeze.
            *_weighted_sampler.__all__, *_entropy_sampler.__all__, *_decode.__all__, *_stages.__all__,
            *_weighted_dataset.__all__, *_distill.__all__, *_functional.__all__,
            *_sparse_teacher.__all__, *_teacher_cache.__all__, *_plans.__all__, *_samplers.__all__,
-           *_shards.__all__, *_shard_dataset.__all__, *_stream.__all__, *_selection_rounds.__all__]
+           *_shards.__all__, *_shard_dataset.__all__, *_stream.__all__, *_selection_rounds.__all__,
+           *_dedup.__all__, *_clusters.__all__]
