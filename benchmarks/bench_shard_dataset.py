@@ -37,9 +37,10 @@ import numpy as np
 import webdataset as wds
 
 from benchmarks._harness import Result
-from torch_pretrain_update.data import shard_dataset as sd
+from torch_pretrain_update.data import shard_index
+from torch_pretrain_update.data.manifest import read_manifest
 from torch_pretrain_update.data.shard_dataset import ShardDataset
-from torch_pretrain_update.data.shards import read_manifest, write_shards
+from torch_pretrain_update.data.write import write_shards
 
 SKIPPED: list[str] = []
 
@@ -142,10 +143,10 @@ def _open_large(directory: str, n: int, shards: int, repeat: int) -> Result:
     with open(manifest, "w") as f:
         json.dump(doc, f)
     within = np.arange(per, dtype=np.uint32) * span_blocks
-    sd._write_index(manifest + ".index.npz", urls=urls, sha256s=[e["sha256"] for e in entries],
-                    counts=[per] * shards, sizes=sizes, mtimes_ns=mtimes, offsets=np.tile(within, shards),
-                    spans=np.full(n, span_blocks, dtype=np.uint32),
-                    crcs=np.zeros(n, dtype=np.uint32), labels=labels, label_key="cls", manifest=manifest)
+    shard_index.write_index(manifest + ".index.npz", urls=urls, sha256s=[e["sha256"] for e in entries],
+                            counts=[per] * shards, sizes=sizes, mtimes_ns=mtimes, offsets=np.tile(within, shards),
+                            spans=np.full(n, span_blocks, dtype=np.uint32),
+                            crcs=np.zeros(n, dtype=np.uint32), labels=labels, label_key="cls", manifest=manifest)
     best_cpu = best_wall = float("inf")
     for _ in range(repeat):
         gc.collect()

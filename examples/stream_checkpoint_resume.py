@@ -23,8 +23,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from torch_pretrain_update.data.shards import write_shards
 from torch_pretrain_update.data.stream import WeightedWebDataset
+from torch_pretrain_update.data.write import write_shards
 
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 calls it itself
 torch.set_num_threads(1)

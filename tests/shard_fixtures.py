@@ -9,7 +9,7 @@ import tarfile
 
 import numpy as np
 
-from torch_pretrain_update.data.shards import write_shards
+from torch_pretrain_update.data.write import write_shards
 
 
 def make_samples(n: int, *, num_classes: int = 3, seed: int = 0, vary: bool = True, prefix: str = "s") -> list[dict]:

@@ -97,8 +97,8 @@ def _s(key: str, **members: Any) -> dict:
 
 def _wds(tmp: Path, **kw: Any) -> Any:
     """A WeightedWebDataset over one real (healthy) shard; ``kw`` overrides the arguments."""
-    from torch_pretrain_update.data.shards import write_shards
     from torch_pretrain_update.data.stream import WeightedWebDataset
+    from torch_pretrain_update.data.write import write_shards
 
     samples = [{"__key__": f"k{i}", "cls": i % 2, "npy": np.full(2, i, np.float32)} for i in range(6)]
     man = write_shards(samples, str(tmp / "ok-%06d.tar"), maxcount=10)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from torch_pretrain_update.cli import main
-from torch_pretrain_update.sampling.weighted_plans import entropy_plan
+from torch_pretrain_update.sampling.entropy_plan import entropy_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("demo", "select", "weights", "inspect")
@@ -365,7 +365,7 @@ def test_select_bad_inputs(tmp_path, capsys, monkeypatch, args, needles):
 # --------------------------------------------------------------------------------------------- inspect
 @pytest.fixture
 def shards(tmp_path):
-    from torch_pretrain_update.data.shards import write_shards
+    from torch_pretrain_update.data.write import write_shards
 
     samples = ({"__key__": f"{i:06d}", "cls": i % 3, "npy": np.full(4, i, np.float32)} for i in range(25))
     manifest = write_shards(samples, str(tmp_path / "train-%06d.tar"), maxcount=10)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import torch_pretrain_update
-from torch_pretrain_update.cli import _int_lines, main
+from torch_pretrain_update.cli import main
+from torch_pretrain_update.cli._common import int_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,9 +212,9 @@ def test_weights_writes_the_format_its_suffix_names(files, capsys):
 
 def test_int_lines_matches_str():
     values = np.array([0, 5, 9, 10, 11, 99, 100, 12345, 10**12, 2**62, 7], dtype=np.int64)
-    assert _int_lines(values) == ("\n".join(map(str, values.tolist())) + "\n").encode()
-    assert _int_lines(np.zeros(3, dtype=np.int64)) == b"0\n0\n0\n"
-    assert _int_lines(np.array([], dtype=np.int64)) == b""
+    assert int_lines(values) == ("\n".join(map(str, values.tolist())) + "\n").encode()
+    assert int_lines(np.zeros(3, dtype=np.int64)) == b"0\n0\n0\n"
+    assert int_lines(np.array([], dtype=np.int64)) == b""
 
 
 # ------------------------------------------------------------------------------------------- D: --json
@@ -317,7 +318,7 @@ def test_no_progress_prints_nothing_to_stderr(files, capsys):
 
 @pytest.fixture
 def shards(tmp_path):
-    from torch_pretrain_update.data.shards import write_shards
+    from torch_pretrain_update.data.write import write_shards
 
     samples = ({"__key__": f"{i:06d}", "cls": i % 3, "npy": np.full(4, i, np.float32)} for i in range(25))
     write_shards(samples, str(tmp_path / "train-%06d.tar"), maxcount=10)

@@ -73,7 +73,7 @@ def test_sampler_crash_and_resume(tmp_path, workers):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stream_crash_and_resume(tmp_path, workers):
-    from torch_pretrain_update.data.shards import write_shards
+    from torch_pretrain_update.data.write import write_shards
 
     samples = [{"__key__": f"s{i:04d}", "cls": i % 3, "x.npy": __import__("numpy").full(4, i, "float32")}
                for i in range(120)]

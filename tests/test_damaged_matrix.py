@@ -41,10 +41,11 @@ import webdataset as wds
 from tests import shard_fixtures as fx
 from torch_pretrain_update import cli
 from torch_pretrain_update.data.decode import safe_decode
-from torch_pretrain_update.data.shards import read_manifest, strict_tarfile_to_samples
+from torch_pretrain_update.data.manifest import read_manifest
 from torch_pretrain_update.data.stages import with_class_weights, with_entropy_weights
 from torch_pretrain_update.data.stream import WeightedWebDataset, stream_stats
-from torch_pretrain_update.training.teacher_cache import read_teacher_outputs
+from torch_pretrain_update.data.strict_samples import strict_tarfile_to_samples
+from torch_pretrain_update.training.teacher_reader import read_teacher_outputs
 
 pytestmark = pytest.mark.timeout(60)
 

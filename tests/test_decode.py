@@ -14,13 +14,8 @@ import torch
 import webdataset as wds
 from webdataset import autodecode, tenbin
 
-from torch_pretrain_update.data.decode import (
-    MemberDecodeError,
-    SafeDecoder,
-    UnsafeMemberError,
-    safe_decode,
-    safe_handler,
-)
+from torch_pretrain_update.data.decode import SafeDecoder, safe_decode, safe_handler
+from torch_pretrain_update.data.errors import MemberDecodeError, UnsafeMemberError
 
 
 class Evil:

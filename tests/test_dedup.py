@@ -20,7 +20,7 @@ from torch_pretrain_update import (
     near_duplicate_mask,
     write_shards,
 )
-from torch_pretrain_update.scoring import dedup
+from torch_pretrain_update.scoring import minhash
 
 
 @pytest.fixture(autouse=True)
@@ -177,8 +177,8 @@ def test_deterministic_for_a_seed() -> None:
 def test_signature_does_not_depend_on_batching(monkeypatch) -> None:
     texts, _, _ = _planted(60, seed=8)
     whole = minhash_signatures(texts)
-    monkeypatch.setattr(dedup, "_BATCH_SYMBOLS", 500)  # several texts per batch, and one per batch
-    monkeypatch.setattr(dedup, "_BLOCK", 37)  # texts split across MinHash blocks
+    monkeypatch.setattr(minhash, "_BATCH_SYMBOLS", 500)  # several texts per batch, and one per batch
+    monkeypatch.setattr(minhash, "_BLOCK", 37)  # texts split across MinHash blocks
     assert torch.equal(minhash_signatures(texts), whole)
 
 

@@ -221,7 +221,7 @@ def test_manifest_count_mismatch_is_an_error(tmp_path):
     """A shard that is a well-formed tar but lost a whole sample: only the manifest's count reveals it."""
     import webdataset as wds
 
-    from torch_pretrain_update.data.shards import iter_shard_samples
+    from torch_pretrain_update.data.tar_reader import iter_shard_samples
 
     demo.write_digits_shards(tmp_path)
     victim = str(tmp_path / "shards" / "digits-000002.tar")
@@ -256,7 +256,7 @@ def test_one_shot_selection_is_the_samplers_first_epoch(tmp_path):
 # ------------------------------------------------------------------------------------------ user data
 @pytest.mark.timeout(240)
 def test_demo_on_user_shards(tmp_path, capsys):
-    from torch_pretrain_update.data.shards import write_shards
+    from torch_pretrain_update.data.write import write_shards
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(3, 16)) * 3
@@ -293,7 +293,7 @@ def test_demo_on_user_shards(tmp_path, capsys):
     ],
 )
 def test_demo_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
-    from torch_pretrain_update.data.shards import write_shards
+    from torch_pretrain_update.data.write import write_shards
 
     write_shards(({"__key__": f"{i}", "cls": i % 2, "npy": np.zeros(3, np.float32)} for i in range(20)),
                  str(tmp_path / "one-%d.tar"), maxcount=100)
@@ -525,7 +525,7 @@ def test_demo_uses_only_public_library_names():
 
 def test_find_manifest_next_to_the_shards(tmp_path):
     from torch_pretrain_update.data.manifest_find import find_manifest
-    from torch_pretrain_update.data.shards import write_shards
+    from torch_pretrain_update.data.write import write_shards
 
     manifest = write_shards(({"__key__": f"{i}", "cls": i % 2} for i in range(6)), str(tmp_path / "tr-%04d.tar"),
                             maxcount=4)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -27,8 +28,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from torch_pretrain_update.data.shards import write_shards
 from torch_pretrain_update.data.stream import WeightedWebDataset
+from torch_pretrain_update.data.write import write_shards
 from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
 from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
@@ -390,6 +391,39 @@ def test_score_shares_partition_on_batch_boundaries(n: int, batch_size: int, wor
     assert max(batches) - min(batches) <= 1
     for start, _ in shares:
         assert start % batch_size == 0 or start == n
+
+
+def test_score_shares_world_size_is_a_deprecated_alias_of_num_replicas() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the library's spelling warns about nothing
+        assert score_shares(10, 3, num_replicas=2) == [(0, 6), (6, 10)]
+        assert score_shares(10, 3, 2) == [(0, 6), (6, 10)]
+    with pytest.warns(DeprecationWarning, match="score_shares: world_size= is deprecated; pass num_replicas=") as rec:
+        assert score_shares(10, 3, world_size=2) == [(0, 6), (6, 10)]
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    with pytest.warns(DeprecationWarning):
+        assert score_shares(7, 1, 3, world_size=3) == [(0, 2), (2, 4), (4, 7)]  # both, agreeing
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="num_replicas=2, world_size=3"):
+        score_shares(10, 3, 2, world_size=3)
+    with pytest.raises(TypeError, match="missing required argument: 'num_replicas'"):
+        score_shares(10, 3)
+    with pytest.raises(ValueError, match="num_replicas must be >= 1; got 0"):
+        score_shares(10, 3, 0)
+
+
+def test_a_group_without_a_process_group_is_refused_by_name() -> None:
+    model, ds = _score_model(), _score_data(20)
+    with pytest.raises(ValueError, match="group was given but torch.distributed is not initialised"):
+        score_dataset(model, ds, group=object())
+    with pytest.raises(ValueError, match="group was given but torch.distributed is not initialised"):
+        broadcast_seed(3, group=object())
+
+
+def test_score_dataset_input_key_must_be_a_non_empty_str_or_none() -> None:
+    model, ds = _score_model(), _score_data(20)
+    for bad in ("", 3, b"npy"):
+        with pytest.raises(TypeError, match=r"input_key must be None or a non-empty str; got "):
+            score_dataset(model, ds, input_key=bad)  # type: ignore[arg-type]
 
 
 def test_score_dataset_single_process_matches_float64_reference() -> None:

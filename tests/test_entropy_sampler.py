@@ -14,8 +14,8 @@ from tests.resume_harness import check_resume
 from tests.test_weighted_plans import numpy_topk
 from tests.test_weighted_sampler import IndexDataset, check_split
 from torch_pretrain_update import EntropySampler
+from torch_pretrain_update.sampling.entropy_plan import entropy_plan, entropy_plan_parts
 from torch_pretrain_update.sampling.plans import stratified_quotas
-from torch_pretrain_update.sampling.weighted_plans import entropy_plan, entropy_plan_parts
 
 ALPHA = 1e-4  # seeded goodness-of-fit tests; see test_weighted_plans.ALPHA
 

@@ -31,7 +31,7 @@ RUN = [p for p in EXAMPLES if not _skipped(p)]
 def test_examples_exist():
     names = {p.name for p in EXAMPLES}
     mine = {"entropy_sampler_loop.py", "class_balanced_kd.py", "stream_checkpoint_resume.py", "replay_mixing.py",
-            "selection_rounds.py"}
+            "selection_rounds.py", "shards_to_update.py"}
     assert mine <= names, sorted(mine - names)
 
 

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torch_pretrain_update.sampling.balanced import class_balanced_plan
 from torch_pretrain_update.sampling.plans import (
-    class_balanced_plan,
     random_subset_plan,
     stratified_plan,
     stratified_quotas,

@@ -11,8 +11,9 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.resume_harness import IndexDataset, check_resume
-from torch_pretrain_update.sampling import plans
-from torch_pretrain_update.sampling.plans import class_balanced_plan, random_subset_plan, stratified_plan
+from torch_pretrain_update.sampling import base, plans
+from torch_pretrain_update.sampling.balanced import class_balanced_plan
+from torch_pretrain_update.sampling.plans import random_subset_plan, stratified_plan
 from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 
 LABELS = torch.from_numpy(np.random.default_rng(0).choice(5, size=61, p=[0.5, 0.25, 0.15, 0.07, 0.03]))
@@ -206,7 +207,7 @@ def test_bad_input(cls, args, kwargs, exc, words):
 
 def test_ramp_recuts_without_changing_the_stream():
     chunks = [torch.arange(0, 5000), torch.arange(5000, 5003), torch.arange(5003, 200_000)]
-    pieces = list(plans._ramp(iter(chunks)))
+    pieces = list(base.ramp(iter(chunks)))
     assert torch.equal(torch.cat(pieces), torch.arange(200_000))
     assert [p.numel() for p in pieces[:4]] == [1024, 2048, 1928, 3]  # 1024, 2048, rest of chunk 0, chunk 1
     assert max(p.numel() for p in pieces) <= 200_000 - 5003

@@ -30,10 +30,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from tests import shard_fixtures as fx
 from tests.resume_harness import check_resume
 from torch_pretrain_update import ShardDataset as TopLevelShardDataset
-from torch_pretrain_update.data import shard_dataset as sd
-from torch_pretrain_update.data.decode import UnsafeMemberError, safe_decode
+from torch_pretrain_update.data import shard_index as sd
+from torch_pretrain_update.data.decode import safe_decode
+from torch_pretrain_update.data.errors import DamagedShardError, MalformedSampleError, UnsafeMemberError
+from torch_pretrain_update.data.manifest import read_manifest
 from torch_pretrain_update.data.shard_dataset import ShardDataset
-from torch_pretrain_update.data.shards import DamagedShardError, MalformedSampleError, read_manifest, write_shards
+from torch_pretrain_update.data.write import write_shards
 from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
 from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler
 from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler

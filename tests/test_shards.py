@@ -18,17 +18,13 @@ import torch
 import webdataset as wds
 
 from tests import shard_fixtures as fx
-from torch_pretrain_update.data.shards import (
-    DamagedShardError,
-    expand_urls,
-    inspect_shards,
-    iter_shard_files,
-    iter_shard_samples,
-    parse_label,
-    read_manifest,
-    strict_tarfile_to_samples,
-    write_shards,
-)
+from torch_pretrain_update.data.errors import DamagedShardError
+from torch_pretrain_update.data.inspect import inspect_shards
+from torch_pretrain_update.data.labels import parse_label
+from torch_pretrain_update.data.manifest import expand_urls, read_manifest
+from torch_pretrain_update.data.strict_samples import strict_tarfile_to_samples
+from torch_pretrain_update.data.tar_reader import iter_shard_files, iter_shard_samples
+from torch_pretrain_update.data.write import write_shards
 
 
 def _recount(path: str) -> tuple[int, Counter]:
@@ -249,7 +245,8 @@ def test_strict_source_equals_webdataset_on_healthy_shards(tmp_path):
     for source in (strict_tarfile_to_samples(), strict_tarfile_to_samples(manifest=man)):
         strict = list(wds.DataPipeline(wds.SimpleShardList(urls), source))
         assert [s["__key__"] for s in strict] == keys
-        assert [{k: s[k] for k in sorted(s) if k != "__local_path__"} for s in plain] == strict  # same bytes
+        # same bytes; plus __local_path__ for local shards, as wds.WebDataset sets it
+        assert [{**s, "__local_path__": s["__url__"]} for s in plain] == strict
         assert {k: v for k, v in source.stats.items() if k != "events"} == {
             "shards": 3, "samples": 30, "damaged_shards": 0, "lost_samples": 0, "malformed_samples": 0,
             "oversized": 0}

@@ -21,7 +21,6 @@ from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.resume_harness import to_py
-from torch_pretrain_update.data.shards import write_shards
 from torch_pretrain_update.data.stages import (
     balance_classes,
     select_by_entropy,
@@ -29,6 +28,7 @@ from torch_pretrain_update.data.stages import (
     with_entropy_weights,
 )
 from torch_pretrain_update.data.stream import WeightedWebDataset
+from torch_pretrain_update.data.write import write_shards
 from torch_pretrain_update.sampling.entropy_sampler import EntropySampler
 from torch_pretrain_update.sampling.rounds import SelectionRounds
 from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler, StratifiedSampler

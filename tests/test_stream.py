@@ -17,7 +17,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests import shard_fixtures as fx
 from tests.resume_harness import check_resume
-from torch_pretrain_update.data.shards import read_manifest
+from torch_pretrain_update.data.manifest import read_manifest
 from torch_pretrain_update.data.stages import with_class_weights
 from torch_pretrain_update.data.stream import WeightedWebDataset, stream_stats
 from torch_pretrain_update.scoring.weights import class_weights
@@ -99,7 +99,7 @@ def test_two_ranks_two_workers_every_sample_once_equal_counts(uneven, seed, epoc
     per_rank, positions = [], []
     for r in range(W):
         def make(r=r):
-            ds = WeightedWebDataset(None, manifest=man, num_classes=3, seed=seed, rank=r, world_size=W,
+            ds = WeightedWebDataset(None, manifest=man, num_classes=3, seed=seed, rank=r, num_replicas=W,
                                     shuffle_buffer=10)
             ds.set_epoch(epoch)
             return ds
@@ -126,10 +126,10 @@ def test_drop_last_and_explicit_length_in_sample_split(uneven):
     man, samples = uneven
     full = [s["__key__"] for s in WeightedWebDataset(None, manifest=man, num_classes=3, seed=2)]  # epoch order
     ranks = [[s["__key__"] for s in WeightedWebDataset(None, manifest=man, num_classes=3, seed=2, rank=r,
-                                                        world_size=2, drop_last=True)] for r in range(2)]
+                                                        num_replicas=2, drop_last=True)] for r in range(2)]
     assert ranks[0] + ranks[1] == full[:202]  # contiguous ranges of the epoch order; the last sample dropped
     ranks = [[s["__key__"] for s in WeightedWebDataset(None, manifest=man, num_classes=3, seed=2, rank=r,
-                                                        world_size=2, samples_per_rank=150)] for r in range(2)]
+                                                        num_replicas=2, samples_per_rank=150)] for r in range(2)]
     assert ranks[0] == full[:150] and ranks[1] == full[150:] + full[:97]  # wraps around: 97 padding repeats
 
 
@@ -169,18 +169,18 @@ def test_shard_split_without_manifest(uneven):
     man, samples = uneven
     urls = read_manifest(man).urls
     with pytest.warns(UserWarning, match="DDP can hang"):
-        WeightedWebDataset(urls, num_classes=3, rank=0, world_size=2)
+        WeightedWebDataset(urls, num_classes=3, rank=0, num_replicas=2)
     got = []
     for r in range(2):
         with pytest.warns(UserWarning):
-            ds = WeightedWebDataset(urls, num_classes=3, rank=r, world_size=2, seed=3)
+            ds = WeightedWebDataset(urls, num_classes=3, rank=r, num_replicas=2, seed=3)
         assert ds.batches_per_rank(8) is None
         got.append(flat(keys_of(ds, num_workers=2)))
     assert sorted(got[0] + got[1]) == sorted(s["__key__"] for s in samples)  # exactly once, natural lengths
     # a fixed length per rank (with_epoch style): every rank yields exactly samples_per_rank
     fixed = []
     for r in range(2):
-        ds = WeightedWebDataset(urls, num_classes=3, rank=r, world_size=2, seed=3, samples_per_rank=95)
+        ds = WeightedWebDataset(urls, num_classes=3, rank=r, num_replicas=2, seed=3, samples_per_rank=95)
         b = keys_of(ds, num_workers=2)
         assert len(flat(b)) == 95 and len(b) == ds.batches_per_rank(8, num_workers=2) == 12
         fixed.append(flat(b))
@@ -192,12 +192,22 @@ def test_shard_split_without_manifest(uneven):
 
 def test_fewer_shards_than_ranks_times_workers(tmp_path):
     man = fx.write(tmp_path, fx.make_samples(30, vary=False), maxcount=10)  # 3 shards
-    with pytest.raises(ValueError, match=r"3 shard\(s\) for world_size=4 ranks"):
-        WeightedWebDataset(None, manifest=man, num_classes=3, rank=0, world_size=4)
-    ds = WeightedWebDataset(None, manifest=man, num_classes=3, rank=0, world_size=2)
-    with pytest.raises(ValueError, match=r"3 shard\(s\) for 2 rank\(s\) x 2 DataLoader worker\(s\); need at least 4"):
+    urls = read_manifest(man).urls
+    # split="shards" reads whole shards: too few is an error naming how many are needed
+    with pytest.raises(ValueError, match=r"3 shard\(s\) for num_replicas=4 ranks; split='shards' needs at least"):
+        WeightedWebDataset(urls, num_classes=3, rank=0, num_replicas=4, samples_per_rank=5)
+    ds = WeightedWebDataset(urls, num_classes=3, rank=0, num_replicas=2, samples_per_rank=15)
+    with pytest.raises(ValueError, match=r"3 shard\(s\) for 2 rank\(s\) x 2 DataLoader worker\(s\); need at least 4 "
+                                         r"with split='shards'.*pass a manifest"):
         keys_of(ds, num_workers=2)
     assert len(flat(keys_of(ds, num_workers=1))) == 15
+    # with a manifest (split="samples") readers split within shards: 4 ranks, or 2 ranks x 2 workers, over 3 shards
+    keys = [s["__key__"] for r in range(4)
+            for s in WeightedWebDataset(None, manifest=man, num_classes=3, rank=r, num_replicas=4, seed=1)]
+    assert len(keys) == 32 and sorted(set(keys)) == [f"s{i:05d}" for i in range(30)]  # 2 padding repeats
+    keys = [k for r in range(2) for k in flat(keys_of(
+        WeightedWebDataset(None, manifest=man, num_classes=3, rank=r, num_replicas=2, seed=1), num_workers=2))]
+    assert sorted(keys) == [f"s{i:05d}" for i in range(30)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,7 +219,7 @@ def test_resume_exact_with_stateful_dataloader(uneven, num_workers):
     man, _ = uneven
 
     def make():
-        ds = WeightedWebDataset(None, manifest=man, num_classes=3, seed=11, rank=1, world_size=2, shuffle_buffer=9)
+        ds = WeightedWebDataset(None, manifest=man, num_classes=3, seed=11, rank=1, num_replicas=2, shuffle_buffer=9)
         return StatefulDataLoader(ds, batch_size=16, num_workers=num_workers, collate_fn=collate), ds.set_epoch
 
     bp = None if num_workers == 0 else [0, 1, 3, 6, 7]
@@ -435,7 +445,7 @@ def test_balance_moves_class_shares_toward_uniform(tmp_path):
         ({"handler": 3}, TypeError, ["handler", "3"]),
         ({"shuffle_buffer": 0}, ValueError, ["shuffle_buffer", "0"]),
         ({"samples_per_rank": 0}, ValueError, ["samples_per_rank", "0"]),
-        ({"rank": 2, "world_size": 2}, ValueError, ["rank", "2"]),
+        ({"rank": 2, "num_replicas": 2}, ValueError, ["rank", "2"]),
         ({"required_keys": [""]}, TypeError, ["required_keys"]),
         ({"scheme": "log"}, ValueError, ["scheme", "'log'"]),
         ({"num_classes": 2}, ValueError, ["num_classes=2", "labels >= 2"]),

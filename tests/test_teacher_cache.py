@@ -23,7 +23,10 @@ from torch_pretrain_update import (
     teacher_targets,
     write_teacher_outputs,
 )
-from torch_pretrain_update.data.shards import DamagedShardError, iter_shard_samples, read_manifest, write_shards
+from torch_pretrain_update.data.errors import DamagedShardError
+from torch_pretrain_update.data.manifest import read_manifest
+from torch_pretrain_update.data.tar_reader import iter_shard_samples
+from torch_pretrain_update.data.write import write_shards
 from torch_pretrain_update.training.teacher_cache import (
     TEACHER_LOGITS_KEY,
     TEACHER_TOPK_INDICES_KEY,
@@ -270,6 +273,22 @@ def test_write_errors(tmp_path):
         write_teacher_outputs(model, [{**make_samples(1)[0], TEACHER_LOGITS_KEY: b""}], pat, progress=False)
     with pytest.raises(ValueError, match="no teacher outputs"):
         teacher_targets(make_samples(2))
+
+
+def test_member_name_arguments_are_checked_by_name(tmp_path):
+    pat = str(tmp_path / "n-%06d.tar")
+    model = Teacher()
+    for bad in ("", None, 3):
+        with pytest.raises(TypeError, match=rf"input_key must be a non-empty str; got {bad!r}$"):
+            write_teacher_outputs(model, make_samples(2), pat, input_key=bad, progress=False)
+    with pytest.raises(TypeError, match=r"batch_keys\[1\] must be a non-empty str; got ''$"):
+        write_teacher_outputs(model, make_samples(2), pat, batch_keys=("input.npy", ""), progress=False)
+    with pytest.raises(TypeError, match=r"batch_keys\[0\] must be a non-empty str; got 7$"):
+        write_teacher_outputs(model, make_samples(2), pat, batch_keys=(7,), progress=False)
+    for bad in ("input.npy", (), None):
+        with pytest.raises(TypeError, match="batch_keys must be a non-empty sequence of member names"):
+            write_teacher_outputs(model, make_samples(2), pat, batch_keys=bad, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_topk_reader_keys_are_consistent(tmp_path):

@@ -12,16 +12,13 @@ import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torch_pretrain_update.cli import main
-from torch_pretrain_update.data.shards import (
-    DamagedShardError,
-    ShardManifest,
-    inspect_shards,
-    read_manifest,
-    strict_tarfile_to_samples,
-    write_shards,
-)
+from torch_pretrain_update.data.errors import DamagedShardError
+from torch_pretrain_update.data.inspect import inspect_shards
+from torch_pretrain_update.data.manifest import ShardManifest, read_manifest
 from torch_pretrain_update.data.stream import WeightedWebDataset, stream_stats
-from torch_pretrain_update.training.teacher_cache import read_teacher_outputs
+from torch_pretrain_update.data.strict_samples import strict_tarfile_to_samples
+from torch_pretrain_update.data.write import write_shards
+from torch_pretrain_update.training.teacher_reader import read_teacher_outputs
 
 
 def run(argv, capsys):

@@ -29,25 +29,23 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests import shard_fixtures as fx
 from torch_pretrain_update import cli
-from torch_pretrain_update.data.decode import (
-    DEFAULT_MAX_MEMBER_BYTES,
+from torch_pretrain_update.data.decode import safe_decode
+from torch_pretrain_update.data.errors import (
+    DamagedShardError,
+    MalformedSampleError,
     MemberDecodeError,
     MemberTooLargeError,
     SizeLimitError,
-    UnsafeMemberError,
-    safe_decode,
-)
-from torch_pretrain_update.data.shards import (
-    DamagedShardError,
-    MalformedSampleError,
     TarMemberTooLargeError,
-    inspect_shards,
-    iter_shard_samples,
-    strict_tarfile_to_samples,
-    write_shards,
+    UnsafeMemberError,
 )
+from torch_pretrain_update.data.inspect import inspect_shards
+from torch_pretrain_update.data.limits import DEFAULT_MAX_MEMBER_BYTES
 from torch_pretrain_update.data.stream import WeightedWebDataset, stream_stats
-from torch_pretrain_update.training.teacher_cache import read_teacher_outputs
+from torch_pretrain_update.data.strict_samples import strict_tarfile_to_samples
+from torch_pretrain_update.data.tar_reader import iter_shard_samples
+from torch_pretrain_update.data.write import write_shards
+from torch_pretrain_update.training.teacher_reader import read_teacher_outputs
 
 pytestmark = pytest.mark.timeout(60)
 

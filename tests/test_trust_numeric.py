@@ -32,15 +32,13 @@ from torch_pretrain_update import (
 from torch_pretrain_update._checks import MAX_CLASSES, check_labels
 from torch_pretrain_update.cli import main
 from torch_pretrain_update.data.decode import safe_decode
-from torch_pretrain_update.data.shards import write_shards
 from torch_pretrain_update.data.stages import BadSampleError, with_class_weights, with_entropy_weights
-from torch_pretrain_update.sampling import weighted_plans
-from torch_pretrain_update.sampling.plans import class_balanced_plan, stratified_plan
-from torch_pretrain_update.sampling.weighted_plans import (
-    entropy_plan,
-    weighted_draws,
-    weighted_sample_without_replacement,
-)
+from torch_pretrain_update.data.write import write_shards
+from torch_pretrain_update.sampling import draws as weighted_plans
+from torch_pretrain_update.sampling.balanced import class_balanced_plan
+from torch_pretrain_update.sampling.draws import weighted_draws, weighted_sample_without_replacement
+from torch_pretrain_update.sampling.entropy_plan import entropy_plan
+from torch_pretrain_update.sampling.plans import stratified_plan
 
 BIG = 10**12
 U64 = 2**63 + 5  # stored in a uint64 array; wraps to a negative number when cast to int64

@@ -1,4 +1,4 @@
-"""Plan functions of weighted_plans, alone (no DataLoader), against independent numpy/scipy references."""
+"""Weighted draws, top-k and power weights, alone (no DataLoader), against independent numpy/scipy references."""
 
 from __future__ import annotations
 
@@ -9,18 +9,17 @@ import pytest
 import torch
 from scipy import stats
 
-from torch_pretrain_update.sampling import weighted_plans as wp
-from torch_pretrain_update.sampling.weighted_plans import (
+from torch_pretrain_update.sampling import draws as wp
+from torch_pretrain_update.sampling.draws import (
     CumulativeWeights,
     check_weights,
     exclude_mask,
     iter_weighted_draws,
-    power_weights,
-    topk_indices,
     weighted_draw_chunk,
     weighted_draws,
     weighted_sample_without_replacement,
 )
+from torch_pretrain_update.sampling.entropy_plan import power_weights, topk_indices
 
 # Goodness-of-fit tests use a fixed seed, so they are deterministic; the significance level 1e-4 means that a
 # correct implementation would fail for only 1 in 10^4 seeds, while a wrong one (e.g. an off-by-one in the

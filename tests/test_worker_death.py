@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torch_pretrain_update.data.decode import safe_decode
-from torch_pretrain_update.data.shards import write_shards
 from torch_pretrain_update.data.stream import WeightedWebDataset
 from torch_pretrain_update.data.weighted_dataset import WeightedDataset
+from torch_pretrain_update.data.write import write_shards
 from torch_pretrain_update.sampling.samplers import ClassBalancedSampler, RandomSubsetSampler
 from torch_pretrain_update.sampling.weighted_sampler import WeightedSampler
 

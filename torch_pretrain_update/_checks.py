@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, Literal, Union, overload
 
 import numpy as np
 import torch
@@ -42,6 +42,24 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}; got {short_repr(value)}")
+    return value
+
+
+@overload
+def check_str(value: Any, name: str, *, optional: Literal[False] = ...) -> str: ...
+@overload
+def check_str(value: Any, name: str, *, optional: bool) -> str | None: ...
+def check_str(value: Any, name: str, *, optional: bool = False) -> str | None:
+    """A non-empty ``str`` (a member name, a key); with ``optional=True`` also ``None``.
+
+    Raises ``TypeError`` naming the argument for anything else, the empty string included (a key ``""`` would
+    match no member and fail far from here).
+    """
+    if optional and value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        what = "None or a non-empty str" if optional else "a non-empty str"
+        raise TypeError(f"{name} must be {what}; got {short_repr(value)}")
     return value
 
 
@@ -88,7 +106,8 @@ def check_bool(value: Any, name: str) -> bool:
 
 
 def as_tensor(value: Any, name: str) -> torch.Tensor:
-    """A tensor view of a tensor, ndarray or sequence (no copy where torch can share memory)."""
+    """A tensor view of a tensor, ndarray, sequence or other array-like (what ``numpy.asarray`` takes: a Hugging
+    Face ``datasets`` column, a pandas Series); no copy where torch can share memory."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
@@ -107,9 +126,28 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
             return t
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{name} must be a sequence of numbers; got {short_repr(value)}") from exc
-    raise TypeError(
-        f"{name} must be a torch.Tensor, numpy.ndarray or sequence; got {type(value).__name__}"
-    )
+    if isinstance(value, (str, bytes, bytearray)) or not (hasattr(value, "__array__") or isinstance(value, Sequence)):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, numpy.ndarray or sequence (or another array-like that numpy.asarray "
+            f"takes); got {type(value).__name__}"
+        )
+    # Array-likes of other libraries (a Hugging Face datasets column, a pandas Series, a pyarrow array): what
+    # numpy.asarray takes. A sequence without __array__ is read with one slice where it has one: numpy alone reads
+    # it element by element (measured: 33 s for a 10^6-row datasets column, 0.03 s by one slice).
+    if not hasattr(value, "__array__"):
+        try:
+            whole = value[:]
+        except (TypeError, ValueError, KeyError, IndexError):
+            whole = None
+        if isinstance(whole, (list, tuple, np.ndarray, torch.Tensor)) and len(whole) == len(value):
+            return as_tensor(whole, name)
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a numeric array-like; got {short_repr(value)}") from exc
+    if arr.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must be a numeric array-like; got {type(value).__name__} of dtype {arr.dtype}")
+    return as_tensor(arr, name)
 
 
 def check_matrix(x: Any, name: str, *, min_cols: int = 2) -> torch.Tensor | np.ndarray:

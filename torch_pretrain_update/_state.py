@@ -35,7 +35,7 @@ def tensor_digest(*tensors: torch.Tensor | None) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)};".encode())
         if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the array's memory, no copy
     return _DIGEST_PREFIX + h.hexdigest()[:32]
 
 

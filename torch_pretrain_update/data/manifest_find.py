@@ -1,4 +1,4 @@
-"""Find the manifest that :func:`~torch_pretrain_update.data.shards.write_shards` wrote next to a set of shards."""
+"""Find the manifest that :func:`~torch_pretrain_update.data.write.write_shards` wrote next to a set of shards."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def find_manifest(urls: Sequence[str]) -> Optional[str]:
     have no folder to look in.
 
     Args:
-        urls: shard paths, as returned by :func:`~torch_pretrain_update.data.shards.expand_urls`.
+        urls: shard paths, as returned by :func:`~torch_pretrain_update.data.manifest.expand_urls`.
 
     Returns:
         The manifest's path, or ``None`` when ``urls`` is empty, remote, or has no manifest next to it.

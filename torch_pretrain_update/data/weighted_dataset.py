@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sized
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class WeightedDataset(Dataset):
             )
         if key is not None and (not isinstance(key, str) or not key):
             raise TypeError(f"key must be None or a non-empty str; got {key!r}")
-        self.dataset = dataset
+        self.dataset: Any = dataset
         self.key = key
         n = len(dataset)
         self._fn: Optional[Callable[[int], Any]] = None
@@ -87,8 +87,8 @@ class WeightedDataset(Dataset):
 
     def weight(self, index: int) -> torch.Tensor:
         """The weight of sample ``index`` as a 0-d float32 tensor (checked when it comes from a callable)."""
-        if self._weights is not None:
-            return self._weights[index]
+        if self._fn is None:  # the constructor set the weight vector instead
+            return cast(torch.Tensor, self._weights)[index]
         value = self._fn(index)
         if isinstance(value, (torch.Tensor, np.ndarray)):
             size = value.numel() if isinstance(value, torch.Tensor) else value.size

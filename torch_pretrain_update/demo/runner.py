@@ -4,12 +4,11 @@ when there are several, then the results and the output files (:func:`run_demo`)
 from __future__ import annotations
 
 import copy
-import datetime
+import functools
 import os
-import queue as queue_module
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,22 +19,14 @@ from torch_pretrain_update._rng import mix_seed
 from torch_pretrain_update.demo.config import RUNS_PER_SEED, STRATEGIES, UPDATES, DemoConfig
 from torch_pretrain_update.demo.data import Arrays, build_scenario, load_shard_arrays, write_digits_shards
 from torch_pretrain_update.demo.models import evaluate, make_model, train
+from torch_pretrain_update.demo.outputs import cpu_seconds, stamp_times
 from torch_pretrain_update.demo.progress import Progress
 from torch_pretrain_update.demo.report import console_summary, format_table, write_outputs
 from torch_pretrain_update.demo.results import aggregate
 from torch_pretrain_update.demo.selection import budget_count, pool_logits, select_one_shot, select_rounds
+from torch_pretrain_update.demo.workers import Report, run_seeds
 
 __all__ = ["num_workers", "run_demo"]
-
-#: how one seed's run reports progress: ``report(kind, seed, text)``, kinds as in ``Progress.event`` plus
-#: ``"finished"`` (the seed's last report)
-Report = Callable[[str, int, str], None]
-
-
-def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the whole comparison and write ``report.md``, ``results.json`` and ``results.png`` into ``cfg.out``.
@@ -47,7 +38,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     and ``"wall_s"``.
     """
     t_start = time.perf_counter()
-    cpu_start = _cpu_seconds()
+    cpu_start = cpu_seconds()
     progress = Progress(cfg.progress)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,9 +52,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             torch.set_num_threads(threads)
         progress.stage(f"all seeds done; writing report.md, results.json and results.png to {out}")
         results = aggregate(per_seed, arrays, cfg, processes=num_workers(cfg))
-        results["wall_s"] = time.perf_counter() - t_start
-        results["cpu_s"] = _cpu_seconds() - cpu_start  # this process and its (finished) worker processes
-        results["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        stamp_times(results, t_start, cpu_start)
         table = format_table(results)
         files = write_outputs(results, table, out)
     finally:
@@ -95,19 +84,6 @@ def num_workers(cfg: DemoConfig) -> int:
     return min(cfg.workers or min(2, os.cpu_count() or 1), cfg.seeds)
 
 
-_worker_queue: Any = None  # set in each worker process by _init_worker
-
-
-def _init_worker(queue: Any, threads: int) -> None:
-    global _worker_queue
-    _worker_queue = queue
-    torch.set_num_threads(threads)
-
-
-def _seed_in_worker(arrays: Arrays, seed: int, cfg: DemoConfig) -> dict[str, Any]:
-    return _run_seed(arrays, seed, cfg, report=lambda kind, s, text: _worker_queue.put((kind, s, text)))
-
-
 def _run_seeds(arrays: Arrays, cfg: DemoConfig, progress: Progress) -> list[dict[str, Any]]:
     """Every seed's runs, in seed order; in ``num_workers(cfg)`` processes (spawned: nothing inherited but the
     arguments) when more than one. Each seed is a pure function of its inputs, so the numbers do not depend on
@@ -122,38 +98,10 @@ def _run_seeds(arrays: Arrays, cfg: DemoConfig, progress: Progress) -> list[dict
     )
     progress.start_bars({"pretrain": (len(seeds) * cfg.pretrain_epochs, "epoch"), "score": (len(seeds), "seed"),
                          "update": (total, "run")})
-    finished: set[int] = set()
-
-    def report(kind: str, seed: int, text: str) -> None:
-        if kind == "finished":
-            finished.add(seed)
-            kind = "stage"
-        progress.event(kind, seed, text)
-
-    if workers <= 1:
-        return [_run_seed(arrays, seed, cfg, report) for seed in seeds]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, wait
-
-    progress.stage(f"starting {workers} worker processes (each imports torch first: a few seconds)")
-    ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads is not safe
-    queue = ctx.Queue()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(queue, cfg.threads)) as pool:
-        futures = [pool.submit(_seed_in_worker, arrays, seed, cfg) for seed in seeds]
-        pending = set(futures)
-        while pending:
-            _, pending = wait(pending, timeout=0.2)
-            while not queue.empty():
-                report(*queue.get())
-        results = [f.result() for f in futures]
-    # The reports travel on their own queue: the last ones can arrive after the results.
-    while len(finished) < len(seeds):
-        try:
-            report(*queue.get(timeout=5.0))
-        except queue_module.Empty:
-            break
-    return results
+    if workers > 1:
+        progress.stage(f"starting {workers} worker processes (each imports torch first: a few seconds)")
+    return run_seeds(functools.partial(_run_seed, arrays, cfg=cfg), seeds, workers=workers, threads=cfg.threads,
+                     report=progress.event)
 
 
 def _run_seed(arrays: Arrays, seed: int, cfg: DemoConfig, report: Report) -> dict[str, Any]:

@@ -28,6 +28,25 @@ whose ``config`` differs from this sampler's: other size, ``seed``, ``shuffle``,
 or other weights/scores/labels/``exclude`` (compared by hash). ``rank`` is not part of it: in lockstep every rank
 has the same position, so a checkpoint saved by rank 0 may be loaded on every rank. A state without ``config``
 (saved by an earlier version) is loaded unchecked.
+
+**Epochs: set by the user, or advancing by themselves.** Most samplers behave like ``DistributedSampler``: every
+``iter()`` yields the plan of ``self.epoch``, the same until ``set_epoch`` changes it, so every rank of a
+distributed job iterates the same epoch whatever extra ``iter()`` calls a framework makes (a sanity check, a
+length probe) and a loop that calls ``set_epoch(epoch)`` gets exactly that epoch. A sampler that stands in for
+one drawing afresh on every iteration (``WeightedSampler`` for ``WeightedRandomSampler``) sets
+``_advances_epoch``: an iteration started after another one of the same epoch began, with no ``set_epoch`` or
+``load_state_dict`` in between, runs the next epoch (epoch ``e + 1``, deterministically). ``set_epoch`` still
+wins. The state records the epoch as always and resumes as an unbroken run goes on: the next iteration
+continues the state's epoch at its position (nothing left if the state was taken at its end) and the one after
+runs the next epoch; a state saved after the epoch's loop had ended (``StatefulDataLoader`` then drops the
+restored iterator unused and makes a new one) resumes directly at the next epoch. An iterator counts as begun at
+its first ``next()``, not at ``iter()``: ``StatefulDataLoader`` makes sampler iterators that it drops unused
+(before it loads a state, or when the restored epoch had ended), and those neither advance the epoch nor take a
+pending resume position.
+
+**Index subsets.** A sampler given ``indices`` (``ClassBalancedSampler``, ``WeightedSampler``) runs its plan over
+positions ``0 .. len(indices) - 1`` and yields ``indices[position]``: a selection feeds a second sampler
+without copying data. ``indices`` is part of the state's ``config``.
 """
 
 from __future__ import annotations
@@ -44,6 +63,33 @@ from torch_pretrain_update._dist import resolve_replicas
 from torch_pretrain_update._state import check_config, tensor_digest
 
 __all__: list[str] = []  # private module
+
+#: indices handed from a materialised plan to the rank split at a time (not part of any plan's definition)
+HANDOUT_CHUNK = 1 << 16
+
+
+def ramp(chunks: Iterator[torch.Tensor], first: int = 1024) -> Iterator[torch.Tensor]:
+    """The same indices, with the first ones re-cut into pieces of ``first, 2*first, ...`` up to
+    :data:`HANDOUT_CHUNK`.
+
+    The rank split turns each piece into Python ints (``tolist``) before yielding its first index; small first
+    pieces make the first index come sooner. The stream is unchanged.
+    """
+    size = first
+    for chunk in chunks:
+        a = 0
+        while size < HANDOUT_CHUNK and a < chunk.numel():
+            yield chunk[a : a + size]
+            a += size
+            size *= 2
+        if a < chunk.numel():
+            yield chunk[a:]
+
+
+def hand_out(plan: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+    """``plan[start:]`` in pieces (ramped, then :data:`HANDOUT_CHUNK` each): the one way a materialised plan
+    reaches the rank split."""
+    return ramp(plan[a : a + HANDOUT_CHUNK] for a in range(start, plan.numel(), HANDOUT_CHUNK))
 
 
 class PlanSampler(Sampler[int]):
@@ -62,6 +108,8 @@ class PlanSampler(Sampler[int]):
     _STATE_EPOCH = "epoch"
     _STATE_POSITION = "position"
     _STATE_CONFIG = "config"
+    #: whether an iteration after a begun one runs the next epoch by itself (see "Epochs" above)
+    _advances_epoch = False
 
     def __init__(
         self,
@@ -78,7 +126,14 @@ class PlanSampler(Sampler[int]):
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
         self.epoch = 0
         self._position = 0  # indices of this rank's stream handed out in the current epoch
-        self._pending_position = 0  # set by load_state_dict, consumed by the next __iter__
+        self._pending_position = 0  # set by load_state_dict, taken by the next iteration
+        # Samplers whose epochs advance only: whether an iteration of self.epoch began, the number of iterators
+        # made so far, and for the last load_state_dict: (iterators made before it, its position was at the
+        # epoch's end, its epoch was older than this sampler's).
+        self._epoch_begun = False
+        self._iterators = 0
+        self._loaded: tuple[int, bool, bool] | None = None
+        self._index_map: torch.Tensor | None = None  # ``indices`` of a sampler over an index subset
 
     # ----- what subclasses provide -------------------------------------------------------------------------
     def _plan_length(self) -> int:
@@ -92,10 +147,9 @@ class PlanSampler(Sampler[int]):
     def _plan_chunks(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         """Consecutive chunks of the global plan from position ``start`` to its end.
 
-        The default slices :meth:`_plan` (cached for the current epoch). Override for chunked generation.
+        The default hands out :meth:`_plan` (cached for the current epoch). Override for chunked generation.
         """
-        plan = self._cached_plan(epoch)
-        yield plan[start:]
+        return hand_out(self._cached_plan(epoch), start)
 
     def _cached_plan(self, epoch: int) -> torch.Tensor:
         cache = getattr(self, "_plan_cache", None)
@@ -112,13 +166,16 @@ class PlanSampler(Sampler[int]):
         """What the global plan and the rank split depend on, as plain JSON values (large inputs as
         :meth:`_digest`); recorded in the state and compared on load. Subclasses add their inputs. Not ``rank``:
         a lockstep state is valid on every rank."""
-        return {
+        config = {
             "type": type(self).__name__,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "num_replicas": self.num_replicas,
         }
+        if self._index_map is not None:  # absent otherwise: states saved before indices existed stay valid
+            config["indices"] = self._digest("indices", self._index_map)
+        return config
 
     def _digest(self, name: str, *tensors: torch.Tensor | None) -> str:
         """Hash of ``tensors`` (an input that never changes after construction), computed once per ``name``."""
@@ -138,9 +195,32 @@ class PlanSampler(Sampler[int]):
         return self._rank_length()
 
     def __iter__(self) -> Iterator[int]:
+        self._iterators += 1
+        return self._iterate(self._iterators)
+
+    def _iterate(self, ordinal: int) -> Iterator[int]:
+        # Runs at the first next(), not at iter(): see "Epochs" in the module docstring.
+        loaded = self._loaded
+        if loaded is not None and loaded[2] and ordinal == loaded[0] + 1:
+            pass  # the iterator StatefulDataLoader restores for a state of an older, finished epoch: not counted
+        else:
+            if self._advances_epoch and self._next_epoch_due(ordinal):
+                self.epoch += 1
+                self._pending_position = 0
+            self._epoch_begun = True
+            self._loaded = None
         start = self._pending_position
         self._pending_position = 0
-        return self._iter_from(self.epoch, start)
+        yield from self._iter_from(self.epoch, start)
+
+    def _next_epoch_due(self, ordinal: int) -> bool:
+        """Whether the iteration made ``ordinal``-th starts the next epoch (samplers whose epochs advance)."""
+        if self._epoch_begun:  # another iteration of this epoch began since the last set_epoch / load
+            return True
+        # After a load: the first iterator made continues the state's epoch. A later one, with none begun in
+        # between, means StatefulDataLoader dropped the restored iterator because the epoch had ended.
+        loaded = self._loaded
+        return loaded is not None and loaded[1] and not loaded[2] and ordinal > loaded[0] + 1
 
     def _iter_from(self, epoch: int, start: int) -> Iterator[int]:
         length = self._plan_length()
@@ -155,6 +235,8 @@ class PlanSampler(Sampler[int]):
                 end = min(pos + chunk.numel(), total)
                 if need < end:
                     picked = chunk[need - pos : end - pos : world]
+                    if self._index_map is not None:  # plan positions -> dataset indices
+                        picked = self._index_map[picked]
                     for idx in picked.tolist():
                         self._position += 1
                         yield idx
@@ -172,6 +254,9 @@ class PlanSampler(Sampler[int]):
             self._pending_position = 0
             self._position = 0
         self.epoch = epoch
+        # the next iteration runs this epoch, also where epochs advance by themselves
+        self._epoch_begun = False
+        self._loaded = None
 
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch": e, "position": p, "config": {...}}``: plain values, JSON- and
@@ -192,6 +277,8 @@ class PlanSampler(Sampler[int]):
 
         If this sampler is already at a later epoch (the resumed loop's ``set_epoch`` ran first, as it does under
         ``StatefulDataLoader``), the state's epoch counts as finished: the sampler keeps its epoch, from the start.
+        Where epochs advance by themselves, see "Epochs" in the module docstring for what follows a state taken
+        at an epoch's end.
 
         Raises:
             ValueError: the state was saved by a sampler built differently (its ``config`` says what differs),
@@ -208,7 +295,11 @@ class PlanSampler(Sampler[int]):
             # torchdata applied the state after the loop's set_epoch(e + 1): epoch e is done, the newer one wins
             self._pending_position = 0
             self._position = 0
+            self._epoch_begun = False
+            self._loaded = (self._iterators, True, True)
             return
         self.epoch = epoch
         self._pending_position = position
         self._position = self._pending_position
+        self._epoch_begun = False
+        self._loaded = (self._iterators, position >= self._rank_length(), False)

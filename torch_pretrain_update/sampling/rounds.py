@@ -1,13 +1,14 @@
 """``SelectionRounds``: spend a labelling (or training) budget over several rounds, re-scoring in between.
 
-Measured on shifted data (issue 9): one-shot top-k by the *old* model's uncertainty lost to random selection
+Measured on shifted data: one-shot top-k by the *old* model's uncertainty lost to random selection
 (the old model is miscalibrated on the new data, and top-k picks redundant outliers), while selecting in
 rounds, re-scoring the pool with the updated model each round, matched or beat random, and a half-random,
 half-uncertain mix was best. Hence the defaults here: ``strategy="topk"`` with ``random_fraction=0.5``.
 
-Each round is a plan of :func:`torch_pretrain_update.sampling.weighted_plans.entropy_plan_parts` over the pool minus
-everything picked so far (and ``exclude``), seeded by ``(seed, round)``: a pure function of the scores given
-that round, so a run restored from :meth:`SelectionRounds.state_dict` continues with the same picks.
+Each round is a plan of :func:`torch_pretrain_update.sampling.entropy_plan.entropy_plan_parts` (its settings an
+``EntropyPlanConfig``) over the pool minus everything picked so far (and ``exclude``), seeded by
+``(seed, round)``: a pure function of the scores given that round, so a run restored from
+:meth:`SelectionRounds.state_dict` continues with the same picks.
 """
 
 from __future__ import annotations
@@ -17,13 +18,8 @@ from typing import Any
 import torch
 
 from torch_pretrain_update._checks import check_choice, check_float, check_int
-from torch_pretrain_update.sampling.weighted_plans import (
-    _check_scores,
-    _parts,
-    _PlanInputs,
-    _validate_plan_args,
-    exclude_mask,
-)
+from torch_pretrain_update.sampling._inputs import check_scores, exclude_mask
+from torch_pretrain_update.sampling.entropy_plan import EntropyPlanConfig, PlanInputs, plan_parts
 
 __all__ = ["SelectionRounds"]
 
@@ -85,7 +81,7 @@ class SelectionRounds:
         self._exclude = mask if mask is not None else torch.zeros(self.pool_size, dtype=torch.bool)
         available = self.pool_size - int(self._exclude.sum())
         if available == 0:
-            raise ValueError(f"exclude removes all {self.pool_size} indices: nothing is left to pick")
+            raise ValueError(f"exclude removes all {self.pool_size} indices: nothing is left to select from")
         self.budget = check_int(budget, "budget", min_value=1)
         if self.budget > available:
             raise ValueError(
@@ -122,10 +118,14 @@ class SelectionRounds:
     def picked_per_round(self) -> list[torch.Tensor]:
         return [p.clone() for p in self._picked]
 
-    def _mode_and_fraction(self) -> tuple[str, float]:
+    def _round_config(self, size: int) -> EntropyPlanConfig:
+        """The settings of a round of ``size`` indices (``"random"``: a top-k plan that is all random part)."""
         if self.strategy == "random":
-            return "topk", 1.0
-        return self.strategy, self.random_fraction
+            return EntropyPlanConfig(size, mode="topk", random_fraction=1.0, min_per_class=0)
+        return EntropyPlanConfig(
+            size, mode=self.strategy, temperature=self.temperature, random_fraction=self.random_fraction,
+            min_per_class=0,
+        )
 
     def next_round(self, scores: Any) -> torch.Tensor:
         """Pick this round's indices from the pool scored by the current model.
@@ -145,8 +145,8 @@ class SelectionRounds:
         r = self.rounds_done
         if r >= self.rounds:
             raise RuntimeError(f"all {self.rounds} rounds are done ({self.budget} indices picked)")
-        mode, fraction = self._mode_and_fraction()
-        s = _check_scores(scores, "scores", non_negative=(mode == "proportional"))
+        config = self._round_config(self.round_sizes[r])
+        s = check_scores(scores, "scores", non_negative=(config.mode == "proportional"))
         if s.numel() != self.pool_size:
             raise ValueError(
                 f"scores must have one entry per pool sample ({self.pool_size}); got {s.numel()}"
@@ -154,9 +154,7 @@ class SelectionRounds:
         mask = self._exclude.clone()
         if self._picked:
             mask[self.chosen] = True
-        size = self.round_sizes[r]
-        kw = _validate_plan_args(s, size, mode, self.temperature, False, fraction, mask, None, 0)
-        score_part, rand_part = _parts(_PlanInputs(**kw), self.seed, r)
+        score_part, rand_part = plan_parts(PlanInputs(s, config, mask), self.seed, r)
         new = torch.sort(torch.cat([score_part, rand_part])).values
         self._picked.append(new)
         return new.clone()

@@ -1,15 +1,18 @@
 """Selection and balancing samplers: random subset, class-stratified selection, class-balanced resampling.
 
 Each sampler is a :class:`~torch_pretrain_update.sampling.base.PlanSampler`: its epoch's global plan comes
-from a pure function in :mod:`torch_pretrain_update.sampling.plans` of ``(inputs, seed, epoch)``; the base class splits
-it across ranks like ``DistributedSampler`` and makes it resumable under ``StatefulDataLoader``
-(``state_dict()`` = ``{"epoch", "position", "config"}``, O(1) resume, exact at epoch boundaries too; a state
-from a sampler built with other inputs is refused: see :mod:`torch_pretrain_update.sampling.base`).
+from a pure function of ``(inputs, seed, epoch)`` in :mod:`torch_pretrain_update.sampling.plans` or
+:mod:`torch_pretrain_update.sampling.balanced`; the base class splits it across ranks like
+``DistributedSampler`` and makes it resumable under ``StatefulDataLoader`` (``state_dict()`` =
+``{"epoch", "position", "config"}``, O(1) resume, exact at epoch boundaries too; a state from a sampler built
+with other inputs is refused: see :mod:`torch_pretrain_update.sampling.base`).
 
 **A fresh selection every epoch.** The plan is a function of ``(seed, epoch)``, so :class:`RandomSubsetSampler`
-and :class:`StratifiedSampler` select a *different* subset each epoch (call ``set_epoch``), and
-:class:`ClassBalancedSampler` draws its copies afresh. To train on one fixed subset for every epoch, compute it
-once (e.g. ``random_subset_plan(N, k, seed, 0)``) and wrap it in a ``torch.utils.data.Subset``.
+and :class:`StratifiedSampler` select a *different* subset each epoch, and :class:`ClassBalancedSampler` draws
+its copies afresh. As ``DistributedSampler``, they change epoch only when told: call ``set_epoch(epoch)``
+before each epoch (every ``iter()`` without it repeats the current epoch's plan, on every rank alike). To
+train on one fixed subset for every epoch, compute it once (e.g. ``random_subset_plan(N, k, seed, 0)``) and
+wrap it in a ``torch.utils.data.Subset``.
 """
 
 from __future__ import annotations
@@ -20,33 +23,21 @@ from typing import Any
 import torch
 
 from torch_pretrain_update._checks import check_bool, check_labels
-from torch_pretrain_update.sampling.base import PlanSampler
+from torch_pretrain_update.sampling._inputs import check_indices, check_subset_size, exclude_pool, num_items
+from torch_pretrain_update.sampling.balanced import _class_balanced_chunks, class_targets
+from torch_pretrain_update.sampling.base import PlanSampler, ramp
 from torch_pretrain_update.sampling.plans import (
     ClassGroups,
-    _check_exclude,
-    _check_num_samples,
-    _chunks_of,
-    _class_balanced_chunks,
     _iid_chunks,
-    _num_items,
-    _ramp,
     _random_subset,
     _stratified,
-    resolve_samples_per_class,
     stratified_quotas,
 )
 
 __all__ = ["RandomSubsetSampler", "StratifiedSampler", "ClassBalancedSampler"]
 
 
-class _MaterialisedPlan(PlanSampler):
-    """A plan computed whole per epoch (cached by the base) and handed out in chunks of ``CHUNK``."""
-
-    def _plan_chunks(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
-        return _ramp(_chunks_of(self._cached_plan(epoch), start))
-
-
-class RandomSubsetSampler(_MaterialisedPlan):
+class RandomSubsetSampler(PlanSampler):
     """Samples ``num_samples`` indices of ``range(N)`` uniformly at random, a fresh selection each epoch.
 
     The plan is :func:`~torch_pretrain_update.sampling.plans.random_subset_plan`: without replacement the first
@@ -90,12 +81,11 @@ class RandomSubsetSampler(_MaterialisedPlan):
         drop_last: bool = False,
     ) -> None:
         super().__init__(seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
-        self.num_items = _num_items(data_source)
+        self.num_items = num_items(data_source)
         self.replacement = check_bool(replacement, "replacement")
-        self._pool = _check_exclude(exclude, self.num_items)
+        self._pool = exclude_pool(exclude, self.num_items)
         self.pool_size = self.num_items if self._pool is None else self._pool.numel()
-        what = "the number of samples" if self._pool is None else "the number of samples left after exclude"
-        self.num_samples = _check_num_samples(num_samples, self.pool_size, self.replacement, what)
+        self.num_samples = check_subset_size(num_samples, self._pool, self.num_items, replacement=self.replacement)
 
     def _plan_length(self) -> int:
         return self.num_samples
@@ -114,11 +104,11 @@ class RandomSubsetSampler(_MaterialisedPlan):
         if not (self.replacement and self.shuffle):
             return super()._plan_chunks(epoch, start)
         chunks = _iid_chunks(self.pool_size, self.num_samples, self.seed, epoch, start)
-        return _ramp(chunks if self._pool is None else (self._pool[c] for c in chunks))
+        return ramp(chunks if self._pool is None else (self._pool[c] for c in chunks))
 
 
-class StratifiedSampler(_MaterialisedPlan):
-    """Class-stratified selection without replacement (the seed's "select by class"), fresh each epoch.
+class StratifiedSampler(PlanSampler):
+    """Class-stratified selection without replacement, fresh each epoch.
 
     Per-class quotas from :func:`~torch_pretrain_update.sampling.plans.stratified_quotas` (proportional to the class
     sizes of the allowed samples, largest-remainder rounding, ties to the lower class, at least
@@ -161,10 +151,9 @@ class StratifiedSampler(_MaterialisedPlan):
     ) -> None:
         super().__init__(seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
         t, _ = check_labels(labels, "labels", max_classes=None)  # grouping only: any label value
-        pool = _check_exclude(exclude, t.numel())
+        pool = exclude_pool(exclude, t.numel())
         self._groups = ClassGroups(t, pool=pool)
-        what = "the number of samples" if pool is None else "the number of samples left after exclude"
-        self.num_samples = _check_num_samples(num_samples, self._groups.order.numel(), False, what)
+        self.num_samples = check_subset_size(num_samples, pool, t.numel())
         self.quotas = stratified_quotas(self._groups.counts, self.num_samples, min_per_class=min_per_class)
         self.min_per_class = min_per_class
         self._num_items = t.numel()
@@ -185,25 +174,39 @@ class StratifiedSampler(_MaterialisedPlan):
 
 
 class ClassBalancedSampler(PlanSampler):
-    """Class-balanced resampling: exactly ``m`` indices of every class per epoch (over- and/or under-sampling).
+    """Class-balanced resampling: exactly ``m_c`` indices of every class ``c`` per epoch (over- and/or
+    under-sampling), optionally over an index subset.
 
-    ``m`` is ``samples_per_class``: ``"max"`` (over-sample every class to the largest), ``"min"``
-    (under-sample to the smallest present class), ``"mean"`` (``N // C``, ``C`` = classes present) or an int;
-    resolved at construction (``self.num_per_class``). Classes absent from ``labels`` are skipped. Without
-    replacement a class of ``n`` samples yields every sample ``floor(m/n)`` or ``ceil(m/n)`` times (even
-    repetition; the ``m mod n`` extra ones drawn uniformly without replacement, afresh each epoch); with
-    replacement ``m`` i.i.d. uniform draws from the class (like ``sklearn.utils.resample``).
+    ``samples_per_class`` sets ``m_c``: ``"max"`` (over-sample every class to the largest), ``"min"``
+    (under-sample to the smallest present class), ``"mean"`` (``N // C``, ``C`` = classes present) or an int for
+    every class alike (``self.num_per_class``); or per class (``self.class_targets``, label -> count): a mapping
+    ``{label: count}`` (classes not named keep their size; 0 leaves a class out), a sequence of counts indexed
+    by label value, or, for users of imbalanced-learn's ``RandomOverSampler`` / ``RandomUnderSampler``, their
+    ``sampling_strategy`` with ``resampling="over"`` / ``"under"``: a float (binary labels: the minority /
+    majority ratio after resampling) or ``"auto"``, ``"all"``, ``"not majority"``, ``"not minority"``,
+    ``"majority"``, ``"minority"``, giving exactly their per-class counts. Classes absent from ``labels`` are
+    skipped. Without replacement a class of ``n`` samples yields every sample ``floor(m/n)`` or ``ceil(m/n)``
+    times (even repetition; the ``m mod n`` extra ones drawn uniformly without replacement, afresh each epoch);
+    with replacement ``m`` i.i.d. uniform draws from the class (like ``sklearn.utils.resample``).
 
-    Order: with ``shuffle=True`` the classes of the ``C*m`` positions are a uniformly random arrangement and a
-    class's copies come in passes (each a fresh random permutation of the class), generated lazily in chunks,
-    so the first index comes long before the plan is complete (see
-    :func:`~torch_pretrain_update.sampling.plans.class_balanced_plan`). ``shuffle=False`` yields the same multiset class
-    by class (ascending class id), ascending index within a class, copies of a sample adjacent.
+    Order: with ``shuffle=True`` the classes of the ``sum(m_c)`` positions are a uniformly random arrangement
+    and a class's copies come in passes (each a fresh random permutation of the class), generated lazily in
+    chunks, so the first index comes long before the plan is complete (see
+    :func:`~torch_pretrain_update.sampling.balanced.class_balanced_plan`). ``shuffle=False`` yields the same
+    multiset class by class (ascending class id), in the order of the samples within a class, copies of a
+    sample adjacent.
 
     Args:
-        labels: 1-D integer class labels (``>= 0``), one per sample.
-        samples_per_class: ``"max"``, ``"min"``, ``"mean"`` or an int ``>= 1``.
+        labels: 1-D integer class labels (``>= 0``), one per sample of the dataset.
+        samples_per_class: ``"max"``, ``"min"``, ``"mean"``, an int ``>= 1``, per-class counts (a mapping or a
+            sequence), or with ``resampling`` a float ratio or an imbalanced-learn strategy name.
         replacement: i.i.d. draws instead of even repetition.
+        resampling: ``"over"`` or ``"under"`` (as imbalanced-learn's ``RandomOverSampler`` /
+            ``RandomUnderSampler``): how a float ratio or a strategy name reads; with per-class counts it
+            checks that they only add (``"over"``) or only remove (``"under"``) samples.
+        indices: balance only these dataset indices (e.g. a selection made by another sampler): the plan runs
+            over ``labels[indices]`` and yields dataset indices from ``indices``. 1-D integer indices into
+            ``labels`` (order kept, duplicates allowed) or a bool mask; part of the state's ``config``.
         seed: base seed (the same on every rank).
         shuffle: random order (``True``) or class-major order.
         num_replicas: number of ranks (default: the process group's world size, else 1).
@@ -215,6 +218,8 @@ class ClassBalancedSampler(PlanSampler):
         >>> sampler = ClassBalancedSampler(labels, samples_per_class="max", seed=0)
         >>> len(sampler) == sampler.num_classes_present * sampler.num_per_class
         True
+        >>> # imbalanced-learn's RandomUnderSampler(sampling_strategy={0: 100}) on the selected samples only
+        >>> sampler = ClassBalancedSampler(labels, samples_per_class={0: 100}, resampling="under", indices=selected)
         >>> loader = StatefulDataLoader(dataset, batch_size=64, sampler=sampler)
     """
 
@@ -222,8 +227,10 @@ class ClassBalancedSampler(PlanSampler):
         self,
         labels: Any,
         *,
-        samples_per_class: int | str = "max",
+        samples_per_class: Any = "max",
         replacement: bool = False,
+        resampling: str | None = None,
+        indices: Any = None,
         seed: int = 0,
         shuffle: bool = True,
         num_replicas: int | None = None,
@@ -233,22 +240,40 @@ class ClassBalancedSampler(PlanSampler):
         super().__init__(seed=seed, shuffle=shuffle, num_replicas=num_replicas, rank=rank, drop_last=drop_last)
         t, _ = check_labels(labels, "labels", max_classes=None)  # grouping only: any label value
         self.replacement = check_bool(replacement, "replacement")
+        if indices is not None:
+            self._index_map = check_indices(indices, t.numel())
+            t = t[self._index_map]  # the plan runs over positions of the subset
         self._groups = ClassGroups(t)
-        self.num_per_class = resolve_samples_per_class(self._groups.counts, samples_per_class)
+        self._targets = class_targets(self._groups, samples_per_class, resampling)
         self.samples_per_class = samples_per_class
-        self.num_classes_present = int((self._groups.counts > 0).sum())
+        self.resampling = resampling
+        self.num_classes_present = self._groups.num_classes
+        #: per class label: how many indices of it one epoch holds
+        self.class_targets = {self._groups.label(c): m for c, m in enumerate(self._targets)}
+        #: the common count when every class gets the same (``"max"``, ``"min"``, ``"mean"``, an int), else None
+        self.num_per_class: int | None = self._targets[0] if len(set(self._targets)) == 1 else None
+
+    @property
+    def indices(self) -> torch.Tensor | None:
+        """The dataset indices the plan runs over (None: all of ``labels``)."""
+        return self._index_map
 
     def _plan_length(self) -> int:
-        return self.num_classes_present * self.num_per_class
+        return sum(self._targets)
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "num_items": self._groups.order.numel(), "num_per_class": self.num_per_class,
-                "replacement": self.replacement,
-                "labels": self._digest("labels", self._groups.order, self._groups.counts, self._groups.classes)}
+        config = {**super()._config(), "num_items": self._groups.order.numel(),
+                  "labels": self._digest("labels", self._groups.order, self._groups.counts, self._groups.classes),
+                  "replacement": self.replacement}
+        if self.num_per_class is not None:  # the key states have always recorded
+            config["num_per_class"] = self.num_per_class
+        else:
+            config["class_targets"] = [[label, m] for label, m in self.class_targets.items()]
+        return config
 
     def _chunks(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         return _class_balanced_chunks(
-            self._groups, self.num_per_class, self.replacement, self.seed, epoch, self.shuffle, start
+            self._groups, self._targets, self.replacement, self.seed, epoch, self.shuffle, start
         )
 
     def _plan(self, epoch: int) -> torch.Tensor:
@@ -256,5 +281,5 @@ class ClassBalancedSampler(PlanSampler):
 
     def _plan_chunks(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         if not self.shuffle:  # class-major order is built whole: keep it for the epoch
-            return _ramp(_chunks_of(self._cached_plan(epoch), start))
-        return _ramp(self._chunks(epoch, start))
+            return super()._plan_chunks(epoch, start)
+        return ramp(self._chunks(epoch, start))

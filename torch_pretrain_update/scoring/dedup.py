@@ -1,4 +1,4 @@
-"""Exact and near duplicates: MinHash + LSH over n-gram shingles, cosine threshold on embeddings, and a stream filter.
+"""Exact and near duplicates of a pool: MinHash + LSH over n-gram shingles, cosine threshold on embeddings.
 
 Pretraining pipelines remove duplicates first: repeated documents waste the budget and are memorised. The
 functions here return the ``exclude`` mask every sampler takes (``True`` = drop), so de-duplication composes with
@@ -10,21 +10,12 @@ selection, weighting and balancing::
 **Groups and the kept item.** Two items are near-duplicates when their (estimated) similarity reaches the
 threshold; a *group* is a connected component of that relation (so a chain a~b~c is one group even when a and c
 are not similar), and the item of lowest index in each group is kept, every other one dropped. The stream filter
-(:class:`NearDuplicateFilter`) cannot see later items: it drops an item that is a duplicate of an earlier *kept*
-one. On groups whose members are all similar to each other (copies of one source) both give the same drops.
+(:class:`~torch_pretrain_update.NearDuplicateFilter`, ``scoring/dedup_stage.py``) cannot see later items: it drops
+an item that is a duplicate of an earlier *kept* one. On groups whose members are all similar to each other
+(copies of one source) both give the same drops.
 
-**Texts.** Exact duplicates by content hash (BLAKE2b of the normalised text: lower-cased, runs of whitespace
-collapsed to one space, ends stripped; ``normalize=False`` hashes the text as given). Near duplicates by MinHash
-("On the resemblance and containment of documents", Broder 1997) of the set of shingles (character n-grams of
-code points, or word n-grams, or n-grams of token ids), with the universal hash family
-``h_k(x) = (a_k x + b_k) mod p``, ``p = 2**31 - 1`` (a Mersenne prime, so ``a x + b`` fits in int64 and the
-reduction is two shifts and adds), computed for all permutations and all shingles at once in numpy. Candidate pairs
-come from LSH banding (``bands`` x ``rows`` of the signature, chosen for the threshold by minimising the
-integrated false-positive plus false-negative probability, as ``datasketch.MinHashLSH`` does), and a candidate is
-kept only when its estimated Jaccard similarity (the fraction of equal signature entries) reaches the threshold.
-Every bucket yields the pairs of each member with the bucket's first member and with its next ``8`` members, so
-the work stays linear in N even when thousands of items share a bucket; buckets of up to 9 members yield all
-their pairs.
+**Texts.** Exact duplicates by content hash, near duplicates by MinHash signatures and LSH banding; the hashes,
+the choice of bands and the candidate pairs of large buckets are described in ``scoring/minhash.py``.
 
 **Empty input is an error, never a silent keep or drop.** An empty text (after normalisation) or an empty
 token sequence has no shingles: :func:`near_duplicate_mask` and the filter raise ``ValueError`` naming it. A
@@ -34,412 +25,25 @@ text shorter than ``ngram`` is one shingle (the whole text). A zero embedding ha
 
 from __future__ import annotations
 
-import base64
-import functools
-import hashlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from torch_pretrain_update._checks import check_bool, check_choice, check_float, check_int, first_bad_row, short_repr
-from torch_pretrain_update._state import check_config
+from torch_pretrain_update._checks import check_float, check_int, first_bad_row
 from torch_pretrain_update.scoring.clusters import _kmeans, check_embeddings
+from torch_pretrain_update.scoring.minhash import (
+    Texts,
+    _band_keys,
+    _candidate_pairs,
+    _check_common,
+    _digest,
+    _items,
+    _signatures,
+    _verified,
+)
 
-__all__ = ["near_duplicate_mask", "embedding_duplicate_mask", "minhash_signatures", "lsh_params",
-           "NearDuplicateFilter"]
-
-Texts = Union[Sequence[str], Sequence[Sequence[int]], torch.Tensor, np.ndarray]
-
-_P = np.int64((1 << 31) - 1)  # the Mersenne prime of the hash family
-_U64 = np.uint64
-_K_CHAR = _U64(0x9E3779B97F4A7C15)  # odd multipliers of the polynomial n-gram hashes (invertible mod 2**64)
-_K_WORD = _U64(0xC2B2AE3D27D4EB4F)
-_K_BAND = _U64(0x165667B19E3779F9)
-_SHORT_TAG = _U64(0xD6E8FEB86659FD93)  # mixed into the hash of a whole text shorter than ngram, with its length
-_WINDOW = 8  # each bucket member is paired with the next _WINDOW members (and the bucket's first)
-_BLOCK = 1024  # shingles per MinHash block: (num_perm, _BLOCK) int64 temporaries stay in cache
-_BATCH_SYMBOLS = 1 << 20  # code points / tokens shingled per batch
-_PAIR_CHUNK = 1 << 15  # candidate pairs verified per chunk
-
-
-# ---------------------------------------------------------------------------------------------------------
-# inputs
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _normalize(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def _as_text(value: Any, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{where} is bytes that are not valid UTF-8 ({exc})") from exc
-    raise TypeError(f"{where} must be a str (or UTF-8 bytes); got {type(value).__name__}")
-
-
-def _as_tokens(value: Any, where: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
-    if arr.ndim != 1:
-        raise ValueError(f"{where} must be a 1-D sequence of token ids; got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{where} is an empty token sequence: it has no shingles to compare (drop it first)")
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{where} must hold integer token ids; got dtype {arr.dtype}")
-    if arr.dtype.kind == "i" and int(arr.min()) < 0:
-        raise ValueError(f"{where} must hold token ids >= 0; got {int(arr.min())}")
-    return arr.astype(np.uint64)
-
-
-def _is_token_seq(value: Any) -> bool:
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return True
-    return isinstance(value, (list, tuple, range))
-
-
-def _items(texts: Any, name: str, normalize: bool, shingle: str) -> tuple[str, list]:
-    """``("text", [normalised str])`` or ``("tokens", [uint64 arrays])``; raises naming ``name[i]``."""
-    if isinstance(texts, np.ndarray) and texts.dtype.kind in "USO":
-        texts = texts.tolist()  # an array of strings (or objects): its items
-    if isinstance(texts, (torch.Tensor, np.ndarray)):
-        if texts.ndim != 2:
-            raise ValueError(
-                f"{name} as a tensor must be 2-D (N sequences of token ids of one length); got shape "
-                f"{tuple(texts.shape)} (pass a list of 1-D sequences for varying lengths)"
-            )
-        seqs = list(texts)
-    elif isinstance(texts, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence of texts, not a single {type(texts).__name__}")
-    elif isinstance(texts, Sequence):
-        seqs = list(texts)
-    else:
-        raise TypeError(f"{name} must be a sequence of str, a sequence of token-id sequences or a 2-D integer "
-                        f"tensor; got {type(texts).__name__}")
-    if not seqs:
-        raise ValueError(f"{name} must hold at least one item; got an empty sequence")
-    if _is_token_seq(seqs[0]):
-        out = []
-        for i, s in enumerate(seqs):
-            if not _is_token_seq(s):
-                raise TypeError(f"{name}[{i}] must be a token-id sequence like {name}[0]; got {type(s).__name__}")
-            out.append(_as_tokens(s, f"{name}[{i}]"))
-        return "tokens", out
-    out = []
-    for i, s in enumerate(seqs):
-        t = _as_text(s, f"{name}[{i}]")
-        t = _normalize(t) if normalize else t
-        empty = not t.split() if shingle == "word" else not t  # words: whitespace alone has none
-        if empty:
-            raise ValueError(
-                f"{name}[{i}] is empty{' after normalisation' if normalize else ''} ({short_repr(s)}): an empty text "
-                "has no shingles to compare; drop or fill empty texts before de-duplicating"
-            )
-        out.append(t)
-    return "text", out
-
-
-def _digest(item: Any) -> bytes:
-    data = item.encode("utf-8") if isinstance(item, str) else item.astype("<u8").tobytes()
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# shingles and MinHash
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _fmix64(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser: an avalanching bijection (spreads polynomial hashes over all bits)."""
-    h = h ^ (h >> _U64(33))
-    h = h * _U64(0xFF51AFD7ED558CCD)
-    h = h ^ (h >> _U64(33))
-    h = h * _U64(0xC4CEB9FE1A85EC53)
-    return h ^ (h >> _U64(33))
-
-
-_POWERS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _powers(k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``k**i`` and ``k**-i`` mod 2**64 for i < n; the longest arrays computed so far are kept per ``k``."""
-    have = _POWERS.get(k)
-    if have is None or have[0].size < n:
-        size = 1 << max(n - 1, 1).bit_length()  # a power of two >= n: few recomputations
-        pw = np.full(size, k, dtype=np.uint64)
-        pw[0] = 1
-        inv = np.full(size, pow(k, -1, 1 << 64), dtype=np.uint64)
-        inv[0] = 1
-        have = _POWERS[k] = (np.cumprod(pw), np.cumprod(inv))
-    return have
-
-
-def _poly_windows(sym: np.ndarray, start: np.ndarray, length: np.ndarray, k: np.uint64) -> np.ndarray:
-    """Polynomial hashes ``sum_j sym[s + j] k**j`` of the windows ``[s, s + length)`` (mod 2**64), via prefix
-    sums: ``(S[s + length] - S[s]) * k**-s`` with ``S[i] = sum_{j < i} sym[j] k**j``. One pass over ``sym``."""
-    m = sym.size
-    pw, inv = _powers(int(k), m + 1)
-    prefix = np.zeros(m + 1, dtype=np.uint64)
-    np.cumsum(sym * pw[:m], out=prefix[1:])
-    return (prefix[start + length] - prefix[start]) * inv[start]
-
-
-def _ngram_hashes(sym: np.ndarray, lens: np.ndarray, n: int, k: np.uint64) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes of every n-gram of each sequence (a sequence shorter than n: one hash of the whole of it) and the
-    sequence of each hash: ``(x, seq)``, ``x`` int64 in ``[0, 2**31)``, ``seq`` ascending."""
-    starts = np.cumsum(lens) - lens
-    count = np.maximum(lens - n + 1, 1)
-    seq = np.repeat(np.arange(lens.size), count)
-    first = np.cumsum(count) - count
-    pos = np.arange(seq.size) - first[seq] + starts[seq]
-    m = sym.size
-    short = lens < n
-    if m >= n:
-        # every window of the concatenation at once (contiguous passes), then the ones inside a sequence
-        pw, inv = _powers(int(k), m + 1)
-        prefix = np.zeros(m + 1, dtype=np.uint64)
-        np.cumsum(sym * pw[:m], out=prefix[1:])
-        full = (prefix[n:] - prefix[:-n]) * inv[: m - n + 1]
-        h = full[np.minimum(pos, m - n)]  # a short sequence's position may be past the last full window
-    else:
-        h = np.zeros(seq.size, dtype=np.uint64)
-    if short.any():  # a whole short sequence, tagged with its length: "ab" and "ab\0" hash apart
-        sel = short[seq]
-        width = lens[seq[sel]]
-        h[sel] = _poly_windows(sym, pos[sel], width, k) ^ (_SHORT_TAG * width.astype(np.uint64))
-    x = (_fmix64(h) >> _U64(33)).astype(np.int64)  # 31 bits: a x + b < 2**62 fits in int64
-    return x, seq
-
-
-def _word_symbols(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One 64-bit hash per whitespace-separated word (vectorised over code points) and the words per text."""
-    joined = [" ".join(t.split()) for t in texts]
-    lens = np.fromiter((len(t) for t in joined), dtype=np.int64, count=len(joined))
-    cp = np.frombuffer(" ".join(joined).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    space = cp == 32
-    prev_space = np.concatenate(([True], space[:-1]))
-    next_space = np.concatenate((space[1:], [True]))
-    wstart = np.flatnonzero(~space & prev_space)
-    wend = np.flatnonzero(~space & next_space) + 1
-    wh = _fmix64(_poly_windows(cp + _U64(1), wstart, wend - wstart, _K_WORD))
-    text_start = np.cumsum(lens + 1) - (lens + 1)  # texts are joined with one space
-    owner = np.searchsorted(text_start, wstart, side="right") - 1
-    return wh, np.bincount(owner, minlength=len(texts)).astype(np.int64)
-
-
-def _shingle_hashes(items: list, kind: str, shingle: str, ngram: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, seq)`` for a batch of items: shingle hashes (int64 < 2**31) and the item of each, ascending."""
-    if kind == "tokens":
-        lens = np.fromiter((a.size for a in items), dtype=np.int64, count=len(items))
-        sym = _fmix64(np.concatenate(items) + _U64(1))
-        return _ngram_hashes(sym, lens, ngram, _K_CHAR)
-    if shingle == "word":
-        sym, lens = _word_symbols(items)
-        return _ngram_hashes(sym, lens, ngram, _K_CHAR)
-    lens = np.fromiter((len(t) for t in items), dtype=np.int64, count=len(items))
-    cp = np.frombuffer("".join(items).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    return _ngram_hashes(cp + _U64(1), lens, ngram, _K_CHAR)
-
-
-@functools.lru_cache(maxsize=8)
-def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, _P, size=num_perm, dtype=np.int64)
-    b = rng.integers(0, _P, size=num_perm, dtype=np.int64)
-    return a[:, None], b[:, None]
-
-
-def _minhash(x: np.ndarray, seq: np.ndarray, n: int, num_perm: int, seed: int) -> np.ndarray:
-    """(n, num_perm) int32 signatures: per item and permutation the minimum of ``(a x + b) mod p``."""
-    a, b = _permutations(num_perm, seed)
-    sig = np.full((n, num_perm), np.iinfo(np.int32).max, dtype=np.int32)
-    width = min(_BLOCK, x.size)  # a short input gets small buffers: fresh large ones cost page faults
-    v = np.empty((num_perm, width), dtype=np.int64)
-    t = np.empty((num_perm, width), dtype=np.int64)
-    for s in range(0, x.size, _BLOCK):
-        xs, ss = x[s : s + _BLOCK], seq[s : s + _BLOCK]
-        vv, tt = v[:, : xs.size], t[:, : xs.size]
-        np.multiply(a, xs, out=vv)
-        vv += b
-        # mod p for p = 2**31 - 1: v = (v & p) + (v >> 31) lands in [0, 2p); then subtract p where v >= p (as
-        # uint64, v - p wraps to a huge value exactly when v < p, so the unsigned minimum picks the residue)
-        np.bitwise_and(vv, _P, out=tt)
-        vv >>= 31
-        vv += tt
-        np.subtract(vv, _P, out=tt)
-        np.minimum(vv.view(np.uint64), tt.view(np.uint64), out=vv.view(np.uint64))
-        bounds = np.flatnonzero(np.diff(ss)) + 1
-        seg = np.concatenate(([0], bounds))
-        mins = np.minimum.reduceat(vv, seg, axis=1).T  # (segments, num_perm)
-        rows = ss[seg]
-        sig[rows] = np.minimum(sig[rows], mins)
-    return sig
-
-
-def _signatures(items: list, kind: str, shingle: str, ngram: int, num_perm: int, seed: int) -> np.ndarray:
-    sig = np.empty((len(items), num_perm), dtype=np.int32)
-    start = 0
-    while start < len(items):  # batches of about _BATCH_SYMBOLS code points or tokens bound the temporaries
-        end, size = start, 0
-        while end < len(items) and (end == start or size < _BATCH_SYMBOLS):
-            size += len(items[end]) if kind == "text" else items[end].size
-            end += 1
-        x, seq = _shingle_hashes(items[start:end], kind, shingle, ngram)
-        sig[start:end] = _minhash(x, seq, end - start, num_perm, seed)
-        start = end
-    return sig
-
-
-def _check_common(threshold: Any, num_perm: Any, seed: Any, ngram: Any, shingle: Any, normalize: Any,
-                  bands: Any) -> tuple[float, int, int, int, str, bool, tuple[int, int]]:
-    threshold = check_float(threshold, "threshold", low=0.0, high=1.0, low_inclusive=False)
-    num_perm = check_int(num_perm, "num_perm", min_value=1, max_value=1 << 16)
-    seed = check_int(seed, "seed", min_value=0)
-    ngram = check_int(ngram, "ngram", min_value=1)
-    shingle = check_choice(shingle, "shingle", ("char", "word"))
-    normalize = check_bool(normalize, "normalize")
-    if bands is None:
-        bands = lsh_params(threshold, num_perm)
-    else:
-        if not isinstance(bands, (tuple, list)) or len(bands) != 2:
-            raise TypeError(f"bands must be a (bands, rows) pair of ints or None; got {short_repr(bands)}")
-        b = check_int(bands[0], "bands[0]", min_value=1)
-        r = check_int(bands[1], "bands[1]", min_value=1)
-        if b * r > num_perm:
-            raise ValueError(f"bands must satisfy bands * rows <= num_perm={num_perm}; got {b} x {r} = {b * r}")
-        bands = (b, r)
-    return threshold, num_perm, seed, ngram, shingle, normalize, bands
-
-
-def minhash_signatures(
-    texts: Texts,
-    *,
-    num_perm: int = 128,
-    seed: int = 0,
-    ngram: int = 5,
-    shingle: str = "char",
-    normalize: bool = True,
-) -> torch.Tensor:
-    """MinHash signatures of texts or token-id sequences: int32 ``(N, num_perm)``, values in ``[0, 2**31 - 1)``.
-
-    Entry ``k`` of item ``i`` is ``min over the shingles x of item i of (a_k x + b_k) mod (2**31 - 1)``, with
-    ``a_k, b_k`` drawn from ``numpy.random.default_rng(seed)`` and ``x`` a 31-bit hash of the shingle. The
-    fraction of equal entries of two signatures estimates the Jaccard similarity of the two shingle sets.
-
-    Args:
-        texts: a sequence of ``str`` (or UTF-8 ``bytes``), a sequence of 1-D token-id sequences (lists,
-            tensors, arrays), or a 2-D integer tensor/ndarray of N equal-length sequences.
-        num_perm: signature length.
-        seed: seed of the hash family (the same seed gives comparable signatures).
-        ngram: shingle length: code points for ``shingle="char"``, words for ``"word"``, tokens for token ids.
-        shingle: ``"char"`` or ``"word"`` (texts only).
-        normalize: lower-case and collapse whitespace before shingling (texts only).
-
-    Example::
-
-        >>> sig = minhash_signatures(["the cat sat on the mat", "the cat sat on a mat"])
-        >>> float((sig[0] == sig[1]).float().mean())  # estimates the Jaccard similarity of the 5-gram sets, 11/23
-    """
-    _, num_perm, seed, ngram, shingle, normalize, _ = _check_common(0.5, num_perm, seed, ngram, shingle,
-                                                                      normalize, (1, 1))
-    kind, items = _items(texts, "texts", normalize, shingle)
-    return torch.from_numpy(_signatures(items, kind, shingle, ngram, num_perm, seed))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# LSH
-# ---------------------------------------------------------------------------------------------------------
-
-
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """``(bands, rows)`` with ``bands * rows <= num_perm`` minimising the integrated false-positive plus
-    false-negative probability of LSH banding for a Jaccard ``threshold`` (``datasketch.MinHashLSH``'s rule with
-    equal weights; the integrals by Simpson's rule, so the choice matches ``datasketch``'s except at near-ties).
-
-    A pair of Jaccard similarity ``s`` becomes a candidate with probability ``1 - (1 - s**rows)**bands``.
-
-    Example::
-
-        >>> lsh_params(0.8, 128)
-        (9, 13)
-    """
-    threshold = check_float(threshold, "threshold", low=0.0, high=1.0, low_inclusive=False)
-    num_perm = check_int(num_perm, "num_perm", min_value=1, max_value=1 << 16)
-    return _lsh_params(threshold, num_perm)
-
-
-@functools.lru_cache(maxsize=64)
-def _lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    grid = 1024  # an even number of Simpson intervals
-    w = np.ones(grid + 1)
-    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
-    s_lo = np.linspace(0.0, threshold, grid + 1)  # false positives: similarity below the threshold
-    s_hi = np.linspace(threshold, 1.0, grid + 1)  # false negatives: at or above it
-    best, arg = np.inf, (1, 1)
-    for b in range(1, num_perm + 1):
-        r = np.arange(1, num_perm // b + 1, dtype=np.float64)[:, None]
-        fp = ((1 - (1 - s_lo**r) ** b) @ w) * threshold / (3 * grid)
-        fn = (((1 - s_hi**r) ** b) @ w) * (1.0 - threshold) / (3 * grid)
-        err = 0.5 * fp + 0.5 * fn
-        j = int(np.argmin(err))  # the first (fewest rows) on ties, as datasketch's loop
-        if err[j] < best:
-            best, arg = float(err[j]), (b, j + 1)
-    return arg
-
-
-def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(N, bands) uint64 keys: a hash of each band's ``rows`` signature entries."""
-    blocks = sig[:, : bands * rows].reshape(sig.shape[0], bands, rows).astype(np.uint64)
-    key = np.zeros(blocks.shape[:2], dtype=np.uint64)
-    for j in range(rows):
-        key = key * _K_BAND + blocks[:, :, j] + _U64(1)
-    return _fmix64(key)
-
-
-def _candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(i, j)``, ``i < j``, sharing a bucket in some band: each member with its bucket's first member and
-    with the next ``_WINDOW`` members (all pairs of buckets of up to ``_WINDOW + 1``). Linear in N."""
-    n = keys.shape[0]
-    codes = []
-    for band in range(keys.shape[1]):
-        k = keys[:, band]
-        order = np.argsort(k, kind="stable")  # ascending index within a bucket
-        ks = k[order]
-        same = ks[1:] == ks[:-1]
-        if not same.any():
-            continue
-        member = np.concatenate(([False], same)) | np.concatenate((same, [False]))
-        order, ks = order[member], ks[member]  # only buckets of two or more
-        new = np.concatenate(([True], ks[1:] != ks[:-1]))
-        first = np.maximum.accumulate(np.where(new, np.arange(ks.size), 0))
-        rest = ~new
-        codes.append(order[first[rest]] * n + order[rest])
-        for d in range(1, _WINDOW + 1):
-            if d >= ks.size:
-                break
-            ok = ks[d:] == ks[:-d]
-            codes.append(order[:-d][ok] * n + order[d:][ok])
-    if not codes:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    u = np.unique(np.concatenate(codes))
-    return u // n, u % n
-
-
-def _verified(sig: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
-    """Mask of the pairs whose estimated Jaccard similarity (fraction of equal entries) is >= threshold."""
-    ok = np.empty(a.size, dtype=bool)
-    need = threshold * sig.shape[1]
-    for s in range(0, a.size, _PAIR_CHUNK):
-        eq = np.count_nonzero(sig[a[s : s + _PAIR_CHUNK]] == sig[b[s : s + _PAIR_CHUNK]], axis=1)
-        ok[s : s + _PAIR_CHUNK] = eq >= need - 1e-9 * sig.shape[1]
-    return ok
+__all__ = ["near_duplicate_mask", "embedding_duplicate_mask"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -497,7 +101,8 @@ def near_duplicate_mask(
     only one copy of each distinct content is MinHashed. Near duplicates: MinHash signatures
     (:func:`minhash_signatures`), LSH banding with ``bands`` (default :func:`lsh_params`), candidates verified by
     their estimated Jaccard similarity ``>= threshold``, groups by union-find over the verified pairs (see the
-    module docstring for groups, the candidates of large buckets and empty items). Deterministic for a seed.
+    module docstring for groups and empty items, and ``scoring/minhash.py`` for the candidates of large buckets).
+    Deterministic for a seed.
 
     Args:
         texts: a sequence of ``str`` (or UTF-8 ``bytes``), a sequence of 1-D token-id sequences, or a 2-D
@@ -606,8 +211,8 @@ def embedding_duplicate_mask(
     norm = x.norm(dim=1, keepdim=True)
     zero = (norm == 0).flatten()
     if bool(zero.any()):
-        i = first_bad_row(zero.cpu())
-        raise ValueError(f"embeddings row {i} is all zeros: its cosine similarity to anything is undefined")
+        row = first_bad_row(zero.cpu())
+        raise ValueError(f"embeddings row {row} is all zeros: its cosine similarity to anything is undefined")
     x = x / norm
 
     if num_clusters == 1:
@@ -625,184 +230,9 @@ def embedding_duplicate_mask(
         e = x[torch.from_numpy(members).to(x.device)]
         for s in range(1, members.size, chunk_size):
             sim = e[s : s + chunk_size] @ e[: s + chunk_size].T  # rows s.. against every member up to them
-            i, j = torch.nonzero(sim >= threshold, as_tuple=True)
-            keep = j < i + s  # pairs with an earlier member only
-            i, j = (i[keep] + s).cpu().numpy(), j[keep].cpu().numpy()
-            if i.size:
-                _union(parent, members[j], members[i])
+            hit_i, hit_j = torch.nonzero(sim >= threshold, as_tuple=True)
+            keep = hit_j < hit_i + s  # pairs with an earlier member only
+            later, earlier = (hit_i[keep] + s).cpu().numpy(), hit_j[keep].cpu().numpy()
+            if later.size:
+                _union(parent, members[earlier], members[later])
     return _drop_mask(parent)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# public: stream filter
-# ---------------------------------------------------------------------------------------------------------
-
-
-class NearDuplicateFilter:
-    """A stream stage that drops exact and near duplicates of earlier kept samples, one sample at a time.
-
-    Call it on an iterator of dict samples (webdataset's convention) to get the samples that are not duplicates;
-    or call :meth:`is_duplicate` per item. Each call on an iterator is one pass (an epoch) and starts with an
-    empty memory, so a second epoch over the same data is not dropped whole as duplicates of the first; the
-    exception is the first pass after :meth:`load_state_dict`, which continues the saved pass.
-
-    It keeps the content hash, MinHash signature and LSH band keys of every kept sample of the pass (about
-    ``4 * num_perm + 16`` bytes each plus the band tables); a new sample is an exact duplicate
-    when its hash was kept, a near duplicate when a kept sample shares one of its LSH buckets (the first kept
-    sample of each bucket is compared) with an estimated Jaccard similarity ``>= threshold``. The hashing,
-    shingles and options are those of :func:`near_duplicate_mask`, so on groups of copies of one source the
-    two drop the same samples. ``stats`` counts ``seen``, ``kept``, ``dropped_exact`` and ``dropped_near``.
-
-    ``state_dict()`` is JSON-serialisable (the kept signatures and hashes as base64 strings, ``stats`` and the
-    options as ``config``); after ``load_state_dict`` the next pass continues as if the filter had seen the earlier
-    samples itself: feed it the samples after the ones it had seen. In a ``DataLoader`` with workers each worker
-    has its own copy and de-duplicates its own share only; de-duplicate a whole pool with
-    :func:`near_duplicate_mask` instead.
-
-    Args:
-        key: the sample key holding the text (``str`` or UTF-8 ``bytes``) or the token ids.
-        threshold, num_perm, seed, ngram, shingle, normalize, bands: as in :func:`near_duplicate_mask`.
-
-    Example::
-
-        >>> dedup = NearDuplicateFilter(key="txt")
-        >>> ds = wds.WebDataset(urls, shardshuffle=False).decode().compose(dedup)
-        >>> for sample in ds: ...
-        >>> dedup.stats
-        {'seen': 10000, 'kept': 9120, 'dropped_exact': 700, 'dropped_near': 180}
-    """
-
-    def __init__(
-        self,
-        *,
-        key: str = "txt",
-        threshold: float = 0.8,
-        num_perm: int = 128,
-        seed: int = 0,
-        ngram: int = 5,
-        shingle: str = "char",
-        normalize: bool = True,
-        bands: Optional[tuple[int, int]] = None,
-    ) -> None:
-        if not isinstance(key, str):
-            raise TypeError(f"key must be a str; got {type(key).__name__}")
-        self.key = key
-        (self.threshold, self.num_perm, self.seed, self.ngram, self.shingle, self.normalize,
-         self.bands) = _check_common(threshold, num_perm, seed, ngram, shingle, normalize, bands)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every kept sample and zero ``stats`` (what each pass over an iterator does first)."""
-        self.stats = {"seen": 0, "kept": 0, "dropped_exact": 0, "dropped_near": 0}
-        self._pending = False
-        self._clear()
-
-    def _clear(self) -> None:
-        self._digests: dict[bytes, int] = {}
-        self._tables: list[dict[int, int]] = [{} for _ in range(self.bands[0])]
-        self._sigs = np.empty((0, self.num_perm), dtype=np.int32)
-        self._count = 0
-
-    def _remember(self, digest: bytes, sig: np.ndarray, keys: np.ndarray) -> None:
-        slot = self._count
-        if slot == self._sigs.shape[0]:  # grow by doubling: amortised O(1) per sample
-            grown = np.empty((max(16, 2 * slot), self.num_perm), dtype=np.int32)
-            grown[:slot] = self._sigs[:slot]
-            self._sigs = grown
-        self._sigs[slot] = sig
-        self._count += 1
-        self._digests.setdefault(digest, slot)
-        for table, k in zip(self._tables, keys.tolist()):
-            table.setdefault(k, slot)
-
-    def is_duplicate(self, item: Any) -> bool:
-        """True if ``item`` (a text or token-id sequence) duplicates an earlier kept one; otherwise it is kept
-        (remembered) and False is returned. Counts it in ``stats``."""
-        kind, items = _items([item], "item", self.normalize, self.shingle)
-        norm = items[0]
-        digest = _digest(norm)
-        self.stats["seen"] += 1
-        if digest in self._digests:
-            self.stats["dropped_exact"] += 1
-            return True
-        sig = _signatures(items, kind, self.shingle, self.ngram, self.num_perm, self.seed)[0]
-        keys = _band_keys(sig[None], *self.bands)[0]
-        need = self.threshold * self.num_perm - 1e-9 * self.num_perm
-        for table, k in zip(self._tables, keys.tolist()):
-            slot = table.get(k)
-            if slot is not None and np.count_nonzero(self._sigs[slot] == sig) >= need:
-                self.stats["dropped_near"] += 1
-                return True
-        self._remember(digest, sig, keys)
-        self.stats["kept"] += 1
-        return False
-
-    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        """One pass: the samples of ``samples`` that are not duplicates of earlier kept ones of this pass."""
-        if not self._pending:
-            self.reset()
-        self._pending = False
-        return self._run(iter(samples))
-
-    def _run(self, samples: Iterator[dict]) -> Iterator[dict]:
-        for sample in samples:
-            if not isinstance(sample, dict):
-                raise TypeError(f"samples must be dicts (webdataset convention); got {type(sample).__name__}")
-            if self.key not in sample:
-                present = sorted(k for k in sample if not k.startswith("__"))
-                raise ValueError(f"sample __key__={sample.get('__key__')!r} has no key {self.key!r}; it has "
-                                 f"{present}")
-            try:
-                dup = self.is_duplicate(sample[self.key])
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"sample __key__={sample.get('__key__')!r}, key {self.key!r}: {exc}") from exc
-            if not dup:
-                yield sample
-
-    def _config(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "key": self.key, "threshold": self.threshold,
-                "num_perm": self.num_perm, "seed": self.seed, "ngram": self.ngram, "shingle": self.shingle,
-                "normalize": self.normalize, "bands": list(self.bands)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"stats", "signatures", "digests", "config"}``: plain, JSON-serialisable values."""
-        digests = sorted(self._digests, key=self._digests.__getitem__)  # one per kept slot, in slot order
-        return {
-            "stats": dict(self.stats),
-            "signatures": base64.b64encode(self._sigs[: self._count].astype("<i4").tobytes()).decode("ascii"),
-            "digests": base64.b64encode(b"".join(digests)).decode("ascii"),
-            "config": self._config(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict` (after ``json.loads`` too). Raises ``ValueError`` for a state
-        of a filter built with other options (the message names them) or a damaged state."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from state_dict(); got {type(state).__name__}")
-        missing = {"stats", "signatures", "digests"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing keys {sorted(missing)}")
-        check_config(state.get("config"), self._config())
-        stats = state["stats"]
-        if not isinstance(stats, dict) or set(stats) != set(self.stats):
-            raise ValueError(f"state['stats'] must be a dict with keys {sorted(self.stats)}; got {stats!r}")
-        stats = {k: check_int(v, f"state['stats'][{k!r}]", min_value=0) for k, v in stats.items()}
-        try:
-            sig_bytes = base64.b64decode(state["signatures"], validate=True)
-            dig_bytes = base64.b64decode(state["digests"], validate=True)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"state['signatures'] / state['digests'] must be base64 strings ({exc})") from exc
-        row = 4 * self.num_perm
-        count = len(sig_bytes) // row
-        if len(sig_bytes) != count * row or len(dig_bytes) != 16 * count or count != stats["kept"]:
-            raise ValueError(
-                f"state holds {len(sig_bytes)} signature bytes and {len(dig_bytes)} digest bytes for "
-                f"stats['kept']={stats['kept']} samples; expected {row} and 16 bytes per kept sample"
-            )
-        sigs = np.frombuffer(sig_bytes, dtype="<i4").reshape(count, self.num_perm).astype(np.int32)
-        self._clear()
-        keys = _band_keys(sigs, *self.bands) if count else np.empty((0, self.bands[0]), np.uint64)
-        for slot in range(count):
-            self._remember(dig_bytes[16 * slot : 16 * slot + 16], sigs[slot], keys[slot])
-        self.stats = stats
-        self._pending = True  # the next pass continues this state

@@ -47,8 +47,8 @@ def _chunks(x: Matrix, name: str):
 
 
 def _check_probs_chunk(p: torch.Tensor, start: int, name: str) -> None:
-    lo, hi = torch.aminmax(p)
-    lo, hi = float(lo), float(hi)
+    lo_t, hi_t = torch.aminmax(p)
+    lo, hi = float(lo_t), float(hi_t)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = ~torch.isfinite(p).all(dim=1)
         i = first_bad_row(bad)
@@ -87,8 +87,8 @@ def _check_prob_sums_fast(p: torch.Tensor, start: int, name: str) -> None:
     if c > _FAST_SUM_MAX_COLS:
         _check_probs_chunk(p, start, name)
         return
-    lo, hi = torch.aminmax(torch.mv(p, torch.ones(c, dtype=p.dtype, device=p.device)))
-    lo, hi = float(lo), float(hi)
+    lo_t, hi_t = torch.aminmax(torch.mv(p, torch.ones(c, dtype=p.dtype, device=p.device)))
+    lo, hi = float(lo_t), float(hi_t)
     if not (abs(lo - 1.0) <= _PROB_ATOL / 2 and abs(hi - 1.0) <= _PROB_ATOL / 2):  # NaN fails too
         _check_probs_chunk(p, start, name)
 
@@ -160,7 +160,7 @@ def _entropy_kernel(part: torch.Tensor, from_logits: bool) -> torch.Tensor:
     if from_logits:
         logp = torch.log_softmax(part, dim=1)
         return (logp.exp() * logp).sum(dim=1).neg_().clamp_min_(0.0)
-    # special.entr(p) = -p ln p with entr(0) = 0: no NaN on zero probabilities (the seed's np.log bug).
+    # special.entr(p) = -p ln p with entr(0) = 0: no NaN on zero probabilities (np.log(0) * 0 would be NaN).
     return torch.special.entr(part).sum(dim=1)
 
 

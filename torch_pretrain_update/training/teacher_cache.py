@@ -2,7 +2,7 @@
 
 Running the teacher on every epoch of a large stream is the main cost of distillation. :func:`write_teacher_outputs`
 runs it once (batched, under ``torch.inference_mode``, with a progress bar) and writes shards (through
-:func:`~torch_pretrain_update.data.shards.write_shards`, so with a JSON manifest of per-shard counts and checksums)
+:func:`~torch_pretrain_update.data.write.write_shards`, so with a JSON manifest of per-shard counts and checksums)
 in which every sample carries its original members plus the teacher's output:
 
 =====================================  ===========================================================================
@@ -20,41 +20,31 @@ sparse KD approximation needs (see :class:`~torch_pretrain_update.SparseTeacher`
 significant digits: logits are stored to within a relative 2**-11 (and must stay below 65504 in magnitude; an
 overflow is an error, not a silent inf).
 
-Reading never unpickles: :func:`read_teacher_outputs` reads shards strictly
-(:func:`~torch_pretrain_update.data.shards.strict_tarfile_to_samples`: damage and, with the manifest, count mismatches
-are errors naming the shard) and decodes members with :func:`~torch_pretrain_update.data.decode.safe_decode` (``.npy``
-with ``allow_pickle=False``; pickle members refused); non-finite stored teacher outputs are errors naming the shard
-and the key. With a skipping handler each of these is skipped and counted in the reader's ``stats``.
-:func:`teacher_targets` turns a decoded sample, a list of them or a DataLoader batch into what :class:`KDLoss`
-takes: a dense tensor or a :class:`SparseTeacher`. The shards work with any WebDataset reader as well; written
-with a label member (``label_key="cls"``), :class:`~torch_pretrain_update.data.stream.WeightedWebDataset` streams them
-from the manifest with class weights, shuffling, rank splitting and resumption.
+The shards are read back strictly and without unpickling by
+:func:`~torch_pretrain_update.training.teacher_reader.read_teacher_outputs`, whose samples
+:func:`~torch_pretrain_update.training.teacher_reader.teacher_targets` turns into what :class:`KDLoss` takes. They work
+with any WebDataset reader as well; written with a label member (``label_key="cls"``),
+:class:`~torch_pretrain_update.data.stream.WeightedWebDataset` streams them from the manifest with class weights,
+shuffling, rank splitting and resumption.
 """
 
 from __future__ import annotations
 
 import io
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from webdataset.handlers import reraise_exception
 
-from torch_pretrain_update._checks import check_bool, check_int, short_repr
-from torch_pretrain_update.data.decode import UNSAFE_EXTENSIONS, SafeDecoder, UnsafeMemberError
-from torch_pretrain_update.data.shards import (
-    ShardManifest,
-    expand_urls,
-    read_manifest,
-    strict_tarfile_to_samples,
-    write_shards,
-)
-from torch_pretrain_update.training.sparse_teacher import SparseTeacher
+from torch_pretrain_update._checks import check_bool, check_int, check_str, short_repr
+from torch_pretrain_update._dist import model_device
+from torch_pretrain_update.data.decode import SafeDecoder
+from torch_pretrain_update.data.member_decoder import UNSAFE_EXTENSIONS, member_extension
+from torch_pretrain_update.data.write import write_shards
 
-__all__ = ["write_teacher_outputs", "read_teacher_outputs", "teacher_targets", "TeacherOutputReader"]
+__all__ = ["write_teacher_outputs"]
 
 TEACHER_LOGITS_KEY = "teacher_logits.npy"
 TEACHER_TOPK_LOGPROBS_KEY = "teacher_topk_logprobs.npy"
@@ -63,11 +53,6 @@ _TEACHER_KEYS = (TEACHER_LOGITS_KEY, TEACHER_TOPK_LOGPROBS_KEY, TEACHER_TOPK_IND
 
 _STORE_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _INT_EXTS = ("cls", "cls2", "class", "count", "index", "inx", "id")
-_TEXT_EXTS = ("txt", "text", "transcript")
-
-
-def _ext(name: str) -> str:
-    return name.rsplit(".", 1)[-1].lower()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -75,20 +60,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     stream = io.BytesIO()
     np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
     return stream.getvalue()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# writing
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _model_device(model: Any) -> torch.device:
-    if isinstance(model, nn.Module):
-        for t in model.parameters():
-            return t.device
-        for t in model.buffers():
-            return t.device
-    return torch.device("cpu")
 
 
 def _logits_of(out: Any) -> torch.Tensor:
@@ -122,7 +93,7 @@ def _to_tensor(value: Any, key: str, name: str) -> torch.Tensor:
 
 def _encode_member(name: str, value: Any, key: str) -> Any:
     """Values handed to ShardWriter: tensors/arrays under .npy are encoded here without pickle."""
-    ext = _ext(name)
+    ext = member_extension(name)
     if ext in UNSAFE_EXTENSIONS:
         raise ValueError(
             f"sample {key!r}: member {name!r} is a pickle (.{ext}); the cached shards are read without unpickling, "
@@ -225,11 +196,11 @@ def _sample_batches(
         key = sample.get("__key__")
         if isinstance(key, bytes):
             key = key.decode("utf-8")
-        if not isinstance(key, str) or not key:
+        if not isinstance(key, str) or not key:  # a ValueError (a bad sample), not the TypeError of check_str
             raise ValueError(f"samples_or_loader[{n}] must have a non-empty string '__key__'; got {key!r}")
         if input_key not in sample:
-            members = sorted(k for k in sample if not k.startswith("__"))
-            raise ValueError(f"sample {key!r} has no input member input_key={input_key!r}; it has {members}")
+            have = sorted(k for k in sample if not k.startswith("__"))
+            raise ValueError(f"sample {key!r} has no input member input_key={input_key!r}; it has {have}")
         present = [k for k in _TEACHER_KEYS if k in sample]
         if present:
             raise ValueError(f"sample {key!r} already has teacher member(s) {present}")
@@ -247,7 +218,7 @@ def _sample_batches(
                 f"sample {key!r}: input shape {tuple(x.shape)} differs from {tuple(buf_x[0].shape)} of sample "
                 f"{buf_s[0]['__key__']!r} in the same batch; use to_input= to resize, or batch_size=1"
             )
-        members = {"__key__": key}
+        members: dict[str, Any] = {"__key__": key}
         for name, v in sample.items():
             if not name.startswith("__"):
                 members[name] = _encode_member(name, v, key)
@@ -335,7 +306,7 @@ def write_teacher_outputs(
     Two kinds of input, told apart by the first item:
 
     * **Samples** (dicts in webdataset's convention, e.g. a ``wds.WebDataset`` without decoding, or
-      ``shards.iter_shard_samples``): ``"__key__"`` plus members. The model's input is ``sample[input_key]``:
+      ``iter_shard_samples``): ``"__key__"`` plus members. The model's input is ``sample[input_key]``:
       a tensor or array, or raw ``bytes`` that are decoded safely by extension (``.npy`` without pickle), or
       whatever ``to_input(sample[input_key])`` returns (e.g. for images). Samples are batched ``batch_size`` at
       a time (inputs must have one shape per batch). Every member of the sample is written back unchanged
@@ -370,7 +341,7 @@ def write_teacher_outputs(
         **writer_kwargs: passed to ``webdataset.ShardWriter`` (e.g. ``mtime=0``).
 
     Returns:
-        the manifest's path (for :func:`read_teacher_outputs`, ``shards.inspect_shards``, ``WeightedWebDataset``).
+        the manifest's path (for :func:`read_teacher_outputs`, ``inspect_shards``, ``WeightedWebDataset``).
 
     Raises:
         ValueError / TypeError: bad arguments, a sample without a key or input, inputs of different shapes in
@@ -390,17 +361,17 @@ def write_teacher_outputs(
     if dtype not in _STORE_DTYPES:
         allowed = ", ".join(str(d) for d in _STORE_DTYPES)
         raise ValueError(f"dtype must be one of {allowed} (numpy has no bfloat16); got {dtype!r}")
-    if not isinstance(input_key, str) or not input_key:
-        raise TypeError(f"input_key must be a non-empty str; got {input_key!r}")
+    input_key = check_str(input_key, "input_key")
     if to_input is not None and not callable(to_input):
         raise TypeError(f"to_input must be callable or None; got {type(to_input).__name__}")
-    if isinstance(batch_keys, str) or not all(isinstance(k, str) and k for k in batch_keys) or not batch_keys:
-        raise TypeError(f"batch_keys must be a sequence of non-empty str; got {batch_keys!r}")
+    if isinstance(batch_keys, str) or not isinstance(batch_keys, Sequence) or not batch_keys:
+        raise TypeError(f"batch_keys must be a non-empty sequence of member names; got {short_repr(batch_keys)}")
+    batch_keys = [check_str(k, f"batch_keys[{i}]") for i, k in enumerate(batch_keys)]
     if len(set(batch_keys)) != len(batch_keys):
         raise ValueError(f"batch_keys must be distinct; got {list(batch_keys)}")
     batch_size = check_int(batch_size, "batch_size", min_value=1)
     progress = check_bool(progress, "progress")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
 
     it = iter(samples_or_loader)
     try:
@@ -409,7 +380,7 @@ def write_teacher_outputs(
         raise ValueError("samples_or_loader is empty: nothing to run the teacher on") from None
     if isinstance(first, Mapping):
         batches = _sample_batches(first, it, input_key, to_input, batch_size)
-        unit_total = len(samples_or_loader) if hasattr(samples_or_loader, "__len__") else None
+        unit_total = len(samples_or_loader) if isinstance(samples_or_loader, Sized) else None
     else:
         batches = _loader_batches(first, it, tuple(batch_keys))
         dataset = getattr(samples_or_loader, "dataset", None)
@@ -428,204 +399,13 @@ def write_teacher_outputs(
                 yield s
             bar.update(len(samples))
 
-    was_training = model.training if isinstance(model, nn.Module) else None
+    module = model if isinstance(model, nn.Module) and model.training else None  # put back in training mode after
     try:
-        if was_training:
-            model.eval()
+        if module is not None:
+            module.eval()
         return write_shards(outputs(), pattern, maxcount=maxcount, label_key=label_key,
                             manifest_path=manifest_path, progress=False, **writer_kwargs)
     finally:
         bar.close()
-        if was_training:
-            model.train(True)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------------------------
-
-
-class TeacherOutputReader:
-    """The iterator :func:`read_teacher_outputs` returns: decoded samples, plus ``stats`` (single pass).
-
-    Attributes:
-        stats: ``samples`` (yielded), ``skipped`` (every sample not yielded: bad samples the handler skipped plus
-            samples lost in damaged shards, as far as the manifest tells), ``bad_samples`` (of which: refused or
-            undecodable members, non-finite or inconsistent teacher outputs), ``unsafe`` (refusals to unpickle),
-            ``nonfinite`` (non-finite teacher outputs), ``damaged_shards``, ``lost_samples`` and ``events`` (the
-            first 50 messages, naming shard and key).
-    """
-
-    def __init__(self, urls: list[str], manifest: ShardManifest | None, image: Optional[str],
-                 handler: Callable[[BaseException], Any]) -> None:
-        self._source = strict_tarfile_to_samples(handler, manifest=manifest)
-        self._decoder = SafeDecoder(image)
-        self._handler = handler
-        self._counts = {"samples": 0, "bad_samples": 0, "unsafe": 0, "nonfinite": 0}
-        self._events: list[str] = []
-        self._gen = self._run(urls)
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        src = self._source.stats
-        out = dict(self._counts)
-        out["damaged_shards"] = src["damaged_shards"]
-        out["lost_samples"] = src["lost_samples"]
-        out["skipped"] = self._counts["bad_samples"] + src["lost_samples"]
-        out["events"] = (list(src["events"]) + self._events)[:50]
-        return out
-
-    def __iter__(self) -> TeacherOutputReader:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        return next(self._gen)
-
-    def _run(self, urls: list[str]) -> Iterator[dict[str, Any]]:
-        for raw in self._source({"url": u} for u in urls):
-            try:
-                sample = self._decoder.decode_sample(raw)
-                _check_teacher_members(sample)
-            except Exception as exc:
-                self._counts["bad_samples"] += 1
-                if isinstance(exc, UnsafeMemberError):
-                    self._counts["unsafe"] += 1
-                if isinstance(exc, _NonFiniteTeacher):
-                    self._counts["nonfinite"] += 1
-                if len(self._events) < 50:
-                    self._events.append(str(exc))
-                if self._handler(exc):
-                    continue
-                return  # ignore_and_stop: the stream ends here (this sample is counted)
-            self._counts["samples"] += 1
-            yield sample
-
-
-class _NonFiniteTeacher(ValueError):
-    pass
-
-
-def _check_teacher_members(sample: dict[str, Any]) -> None:
-    """The teacher members of a decoded sample: float arrays, finite, top-k values and indices aligned."""
-    key, url = sample.get("__key__"), sample.get("__url__")
-    where = f"sample __key__={key!r} (__url__={url!r})"
-    lp, idx = sample.get(TEACHER_TOPK_LOGPROBS_KEY), sample.get(TEACHER_TOPK_INDICES_KEY)
-    if (lp is None) != (idx is None):
-        have = TEACHER_TOPK_LOGPROBS_KEY if lp is not None else TEACHER_TOPK_INDICES_KEY
-        raise ValueError(f"{where}: has {have!r} without its top-k partner member")
-    for name in (TEACHER_LOGITS_KEY, TEACHER_TOPK_LOGPROBS_KEY):
-        arr = sample.get(name)
-        if arr is None:
-            continue
-        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
-            raise ValueError(f"{where}: teacher member {name!r} must be a float array; got {short_repr(arr)}")
-        finite = np.isfinite(arr)
-        if not finite.all():
-            bad = arr[~finite].reshape(-1)[0]
-            raise _NonFiniteTeacher(f"{where}: teacher member {name!r} holds a non-finite value ({bad})")
-    if idx is not None:
-        if not isinstance(idx, np.ndarray) or idx.dtype.kind not in "iu" or idx.shape != lp.shape:
-            raise ValueError(
-                f"{where}: {TEACHER_TOPK_INDICES_KEY!r} must be an integer array shaped like the top-k values "
-                f"{lp.shape}; got {short_repr(idx)}"
-            )
-
-
-def read_teacher_outputs(
-    source: str | os.PathLike | Sequence[str] | ShardManifest,
-    *,
-    image: Optional[str] = None,
-    handler: Callable[[BaseException], Any] = reraise_exception,
-    allow_unsafe_urls: bool = False,
-) -> TeacherOutputReader:
-    """Read cached teacher shards in order, strictly and without unpickling; yield decoded samples.
-
-    Args:
-        source: the manifest returned by :func:`write_teacher_outputs` (a ``*.json`` path or a
-            :class:`~torch_pretrain_update.data.shards.ShardManifest`), whose per-shard sample counts are then
-            checked, or shard urls / a brace pattern (no count check).
-        image: webdataset image spec for image members (``"torchrgb8"``, ``"pil"``, ...) or None to keep their
-            bytes.
-        handler: webdataset's convention for damaged shards (:func:`~torch_pretrain_update.data.shards.
-            strict_tarfile_to_samples`) and bad samples (a member that is refused or cannot be decoded, a
-            non-finite teacher output): ``reraise_exception`` (default) raises, naming the shard and the key; a
-            handler returning True (``warn_and_continue``) skips and counts; False stops.
-        allow_unsafe_urls: read the manifest with ``read_manifest(..., allow_unsafe_urls=True)`` (urls that are
-            not files inside its folder, ``pipe:`` commands included): only for a manifest you trust. By default
-            such a manifest is refused with ``ValueError``.
-
-    Returns:
-        a :class:`TeacherOutputReader`: an iterator of dicts with ``__key__``, ``__url__`` and every member
-        decoded by :func:`~torch_pretrain_update.data.decode.safe_decode` (the teacher members are numpy arrays read
-        with ``allow_pickle=False``; a pickle member raises ``UnsafeMemberError`` and is never unpickled), with
-        ``stats`` counting what was skipped. Pass the samples (or a collated batch of them) to
-        :func:`teacher_targets`.
-
-    Example::
-
-        >>> reader = read_teacher_outputs("/data/kd/teacher-manifest.json")
-        >>> for sample in reader:
-        ...     teacher = teacher_targets(sample)   # (C,) tensor or SparseTeacher
-        >>> reader.stats["skipped"]
-        0
-    """
-    if not callable(handler):
-        raise TypeError(f"handler must be callable (e.g. webdataset.warn_and_continue); got {handler!r}")
-    manifest = None
-    if isinstance(source, ShardManifest):
-        manifest = source
-    elif isinstance(source, (str, os.PathLike)) and (os.fspath(source).endswith(".json") or os.path.isdir(source)):
-        manifest = read_manifest(source, allow_unsafe_urls=allow_unsafe_urls)  # a directory: names the file to pass
-    urls = manifest.urls if manifest is not None else expand_urls(source)
-    return TeacherOutputReader(urls, manifest, image, handler)
-
-
-def _stack(values: Any, name: str) -> torch.Tensor:
-    if isinstance(values, torch.Tensor):
-        return values
-    if isinstance(values, np.ndarray):
-        return torch.from_numpy(np.array(values) if not values.flags.writeable else values)
-    if isinstance(values, (list, tuple)) and values:
-        return torch.stack([_stack(v, name) for v in values])
-    raise TypeError(f"{name} must be an array, a tensor or a list of them; got {type(values).__name__}")
-
-
-def teacher_targets(
-    batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, device: torch.device | str | None = None
-) -> Union[torch.Tensor, SparseTeacher]:
-    """The teacher targets of a decoded sample, a list of samples, or a collated batch, for :class:`KDLoss`.
-
-    Dense caches give the stored logits as a tensor ((C,), or (B, C) for a batch; float16 by default, which
-    ``KDLoss`` accepts next to float32 student logits). Top-k caches give a
-    :class:`~torch_pretrain_update.training.distill.SparseTeacher` (int64 indices).
-
-    Example::
-
-        >>> loader = DataLoader(list(read_teacher_outputs(manifest)), batch_size=32)  # default_collate
-        >>> for batch in loader:
-        ...     loss = kd(student(batch["input.npy"]), teacher_targets(batch), batch["cls"])
-    """
-    if isinstance(batch, Mapping):
-        get = batch.get
-    elif isinstance(batch, Sequence) and batch and all(isinstance(s, Mapping) for s in batch):
-        samples = batch
-
-        def get(name: str) -> Any:
-            if all(name in s for s in samples):
-                return [s[name] for s in samples]
-            return None
-    else:
-        raise TypeError(
-            f"batch must be a sample dict, a list of them or a collated batch dict; got {short_repr(batch)}")
-    dense = get(TEACHER_LOGITS_KEY)
-    lp, idx = get(TEACHER_TOPK_LOGPROBS_KEY), get(TEACHER_TOPK_INDICES_KEY)
-    if dense is not None:
-        out = _stack(dense, TEACHER_LOGITS_KEY)
-        return out.to(device) if device is not None else out
-    if lp is not None and idx is not None:
-        sparse = SparseTeacher(_stack(lp, TEACHER_TOPK_LOGPROBS_KEY), _stack(idx, TEACHER_TOPK_INDICES_KEY).long())
-        return sparse.to(device) if device is not None else sparse
-    raise ValueError(
-        f"batch has no teacher outputs: expected {TEACHER_LOGITS_KEY!r}, or {TEACHER_TOPK_LOGPROBS_KEY!r} and "
-        f"{TEACHER_TOPK_INDICES_KEY!r} (decoded, e.g. by read_teacher_outputs)"
-    )
+        if module is not None:
+            module.train(True)
