@@ -15,9 +15,11 @@ $(VENV)/.installed: pyproject.toml
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check torch_pretrain_update tests benchmarks examples
+	$(VENV)/bin/mypy
 
+# Two pytest workers (pytest-xdist) on CI's two cores; the 15 slowest tests are listed at the end of every run.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=15
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks

@@ -11,7 +11,8 @@ goes the way data too big for memory must: written once into WebDataset tar shar
    its share of the batches and every rank gets all N scores, bit-exact with one process.
 4. ``EntropySampler.from_scores``: the selection, the most uncertain half of the budget plus a random half.
 5. ``ClassBalancedSampler`` over the selection (``torch.utils.data.Subset`` + the selection's labels, no data
-   copied): every class equally often in each epoch.
+   copied; or ``ClassBalancedSampler(ds.labels, indices=selected)`` on the whole dataset, the same plan):
+   every class equally often in each epoch.
 6. Partial update: ``freeze`` the head, ``partial_optimizer`` over the layers below it (the features that the drift
    moved), ``KDLoss`` against the old model so that what it knew is kept; ``FrozenCheck`` proves the head never
    moved. Accuracies on clean and drifted test digits are printed as measured (nothing tuned).
@@ -169,6 +170,10 @@ def main() -> None:
     plan = list(tpu.ClassBalancedSampler(labels, samples_per_class="max", seed=SEED, num_replicas=1, rank=0))
     drawn = np.bincount(labels[plan], minlength=10)
     assert len(set(drawn.tolist())) == 1, drawn  # one epoch's plan (all ranks together): every class equally often
+    # the same plan without a Subset: indices= balances those dataset indices and yields dataset indices
+    direct = tpu.ClassBalancedSampler(ds.labels, indices=selected, samples_per_class="max", seed=SEED,
+                                      num_replicas=1, rank=0)
+    assert list(direct) == selected[plan].tolist()
     kd = tpu.KDLoss(temperature=2.0, alpha=0.5)
     unbroken = build(subset, labels, old_model, ddp)
     check = tpu.FrozenCheck(unbroken.student)

@@ -254,7 +254,7 @@ def test_user_stage_state_resumes_exactly(data, num_workers):
         collate = lambda b: [(s["__key__"], s["running"], s["twice"], float(s["weight"])) for s in b]  # noqa: E731
         return StatefulDataLoader(ds, batch_size=4, num_workers=num_workers, collate_fn=collate), ds.set_epoch
 
-    assert check_resume(make, epochs=2, break_points=[0, 1, 4, 7, 8] if num_workers else None) >= 5
+    assert check_resume(make, epochs=2, break_points=[0, 3, 8] if num_workers else [0, 1, 6, 14, 15]) >= 6
 
 
 # ------------------------------------------------------------------------------------------------ a plan of indices
@@ -287,7 +287,7 @@ def test_indices_resume_exactly(data, num_workers):
         ds = stream(man, indices=plan, balance=True)
         return StatefulDataLoader(ds, batch_size=4, num_workers=num_workers, collate_fn=keys), ds.set_epoch
 
-    assert check_resume(make, epochs=2, break_points=[0, 1, 5, 11, 12] if num_workers else None) >= 5
+    assert check_resume(make, epochs=2, break_points=[0, 5, 12] if num_workers else [0, 1, 7, 11, 12]) >= 6
 
 
 def test_index_is_the_global_index_and_scores_the_data(data):
@@ -393,7 +393,8 @@ def test_readme_configuration_one_shard_four_workers(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ resuming with other num_workers
-@pytest.mark.parametrize("saved, resumed", [(2, 3), (3, 2), (2, 1), (1, 2)])
+# (3, 2) fails the same way but torchdata then takes ~10 s to shut the refused loader's workers down
+@pytest.mark.parametrize("saved, resumed", [(2, 3), (2, 1), (1, 2)])
 def test_resume_with_another_num_workers_names_both(data, saved, resumed):
     man, _ = data
 
@@ -405,12 +406,15 @@ def test_resume_with_another_num_workers_names_both(data, saved, resumed):
     for _ in range(3):
         next(it)
     state = json.loads(json.dumps(a.state_dict()))
-    del it
+    del it, a  # its workers end here, not in the next loader's forked workers
     b = loader(resumed)
     b.load_state_dict(state)
-    with pytest.raises(ValueError) as info:
+    try:
         list(b)
-    msg = str(info.value)
+    except ValueError as exc:  # kept as text: a traceback kept alive keeps the failed loader's workers (~10 s)
+        msg = str(exc)
+    else:
+        pytest.fail("a state saved with another num_workers was accepted")
     assert f"saved by a DataLoader with num_workers={saved}; this one has num_workers={resumed}" in msg, msg
     assert f"build the loader with num_workers={saved}" in msg
 
@@ -439,8 +443,8 @@ def test_balancing_sorted_input_warns_once_and_counts_the_runs():
 
 
 def test_balancing_a_large_imbalanced_mixed_stream_never_warns():
-    labels = np.random.default_rng(1).choice(3, 60_000, p=[0.01, 0.09, 0.9]).tolist()
-    stage = balance_classes(num_classes=3, seed=1, prior_counts=[600, 5400, 54000])
+    labels = np.random.default_rng(1).choice(3, 20_000, p=[0.01, 0.09, 0.9]).tolist()
+    stage = balance_classes(num_classes=3, seed=1, prior_counts=[200, 1800, 18000])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in stage(_labelled(labels)):
@@ -471,7 +475,7 @@ def test_readme_pipeline_balances_class_sorted_shards(tmp_path):
     samples = [{"__key__": f"s{i:05d}", "cls": i // 200, "npy": np.zeros(2, np.float32)} for i in range(600)]
     man = tpu.write_shards(samples, str(tmp_path / "sorted-%06d.tar"), maxcount=100)
     urls = tpu.read_manifest(man).urls
-    for seed in range(3):
+    for seed in range(2):
         pipe = wds.DataPipeline(wds.SimpleShardList(urls), tpu.strict_tarfile_to_samples(),
                                 wds.shuffle(1000, seed=seed), tpu.safe_decode(),
                                 tpu.with_class_weights(num_classes=3, momentum=0.01),

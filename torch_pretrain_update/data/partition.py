@@ -34,7 +34,8 @@ import torch
 from torch_pretrain_update._checks import check_bool, check_choice, check_int
 from torch_pretrain_update._rng import STREAM_SHARD_ORDER, epoch_generator
 
-__all__ = ["Layout", "ReaderPlan", "Segment", "check_indices", "partition", "rank_length", "shard_order", "worker_quota"]
+__all__ = ["Layout", "ReaderPlan", "Segment", "check_indices", "partition", "rank_length", "shard_order",
+           "worker_quota"]
 
 
 @dataclass(frozen=True)

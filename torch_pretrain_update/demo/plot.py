@@ -106,17 +106,25 @@ def _scatter(ax: Any, results: dict[str, Any], method: str,
     ax.grid(alpha=0.3)
 
 
+def _difference(results: dict[str, Any], strategy: str, method: str) -> dict[str, Any]:
+    """``difference_to_random`` of a strategy other than random (whose difference is ``None``)."""
+    d = difference_to_random(results, strategy, method)
+    if d is None:
+        raise ValueError(f"results has no difference to random for strategy={strategy!r}, update={method!r}")
+    return d
+
+
 def _difference_panel(ax: Any, results: dict[str, Any]) -> None:
     labels = dict(STRATEGIES)
     strategies = [s for s, _ in STRATEGIES if s != "random"]
-    mean_over_methods = {s: float(np.mean([difference_to_random(results, s, m)["mean"] for m, _ in UPDATES]))
+    mean_over_methods = {s: float(np.mean([_difference(results, s, m)["mean"] for m, _ in UPDATES]))
                          for s in strategies}
     order = sorted(strategies, key=lambda s: mean_over_methods[s])  # best on top (largest y)
     reach = 0.0
     for i, strategy in enumerate(order):
         colour, filled = STRATEGY_STYLE[strategy]
         for j, (method, _) in enumerate(UPDATES):
-            d = difference_to_random(results, strategy, method)
+            d = _difference(results, strategy, method)
             reach = max(reach, abs(d["mean"]) + d["std"])
             offset = (len(UPDATES) - 1) / 2 - j  # first update method on top within its strategy
             _point(ax, d, None, i + 0.24 * offset, colour=colour, filled=filled, marker=UPDATE_MARKERS[method],

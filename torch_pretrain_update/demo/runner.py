@@ -160,10 +160,11 @@ def _run_seed(arrays: Arrays, seed: int, cfg: DemoConfig, report: Report) -> dic
     for strategy in multi:
         for method, _ in UPDATES:
             t = time.perf_counter()
-            chosen, model = select_rounds(
-                strategy, scen, old, budget, seed, cfg,
-                lambda idx, method=method: fit(idx, method, mix_seed(seed, 8))[0],
-            )
+
+            def refit(idx: torch.Tensor, method: str = method) -> nn.Module:  # method bound now, per loop turn
+                return fit(idx, method, mix_seed(seed, 8))[0]
+
+            chosen, model = select_rounds(strategy, scen, old, budget, seed, cfg, refit)
             record((strategy, method), model, chosen, time.perf_counter() - t)
     report("stage", seed, f"all new data: {len(UPDATES)} update runs on all {len(scen.y_pool)} new samples")
     everything = torch.arange(len(scen.y_pool))

@@ -54,14 +54,11 @@ _MAX_SEQUENCE_ELEMENTS = 1 << 22
 
 
 def _check_logits(logits: Any) -> Logits:
-    if isinstance(logits, np.ndarray):
-        if logits.dtype.kind != "f":
-            raise TypeError(f"logits must have a floating dtype; got {short_repr(logits)}")
-    elif isinstance(logits, torch.Tensor):
-        if not logits.is_floating_point():
-            raise TypeError(f"logits must have a floating dtype; got {short_repr(logits)}")
-    else:
+    if not isinstance(logits, (np.ndarray, torch.Tensor)):
         raise TypeError(f"logits must be a (N, L, V) torch.Tensor or numpy.ndarray; got {type(logits).__name__}")
+    floating = logits.dtype.kind == "f" if isinstance(logits, np.ndarray) else logits.is_floating_point()
+    if not floating:
+        raise TypeError(f"logits must have a floating dtype; got {short_repr(logits)}")
     if logits.ndim != 3:
         raise ValueError(f"logits must be 3-D of shape (N, L, V); got shape {tuple(logits.shape)}")
     n, length, v = logits.shape

@@ -9,7 +9,7 @@ the graph, so a gradient of the gradient (``create_graph=True``) is refused with
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +56,13 @@ class _FusedRowLoss(torch.autograd.Function):
         ctx.loss_name = loss_name
         n = student.shape[0]
         rows = _block_rows(student)
-        per_row = isinstance(scale, torch.Tensor)
         if n <= rows:  # one block: no buffers, no copies
             row_loss, g, factor = kernel(0, n, need_grad)
             grad = None
             if g is not None:
-                grad = g.mul_(scale[:, None] * factor if per_row else scale * factor).to(student.dtype)
+                grad = g.mul_(scale[:, None] * factor if isinstance(scale, torch.Tensor) else scale * factor).to(
+                    student.dtype
+                )
         else:
             grad = torch.empty_like(student) if need_grad else None
             row_loss = torch.empty(n, dtype=_compute_dtype(student), device=student.device)
@@ -70,8 +71,13 @@ class _FusedRowLoss(torch.autograd.Function):
                 loss_blk, g, factor = kernel(s, e, need_grad)
                 row_loss[s:e] = loss_blk
                 if grad is not None:  # scale and store in one pass
-                    torch.mul(g, scale[s:e, None] * factor if per_row else scale * factor, out=grad[s:e])
-        loss = (row_loss * scale).sum() if per_row else row_loss.sum() * scale
+                    # grad is allocated only when need_grad, and a kernel asked for need_grad returns its g
+                    torch.mul(
+                        cast(torch.Tensor, g),
+                        scale[s:e, None] * factor if isinstance(scale, torch.Tensor) else scale * factor,
+                        out=grad[s:e],
+                    )
+        loss = (row_loss * scale).sum() if isinstance(scale, torch.Tensor) else row_loss.sum() * scale
         ctx.save_for_backward(grad)
         return loss.to(student.dtype)
 
@@ -93,7 +99,7 @@ class _FusedRowLoss(torch.autograd.Function):
 
 def _prepare(
     student: torch.Tensor,
-    teacher: torch.Tensor | SparseTeacher | None,
+    teacher: torch.Tensor | SparseTeacher,
     target: torch.Tensor | None,
     weight: torch.Tensor | None,
     mask: torch.Tensor | None,
@@ -103,13 +109,11 @@ def _prepare(
     pos_shape = student.shape[:-1]
     zs = student.reshape(-1, c)
     if isinstance(teacher, SparseTeacher):
-        zt: torch.Tensor | SparseTeacher | None = SparseTeacher(
+        zt: torch.Tensor | SparseTeacher = SparseTeacher(
             teacher.log_probs.reshape(-1, teacher.k), teacher.indices.reshape(-1, teacher.k)
         )
-    elif teacher is not None:
-        zt = teacher.reshape(-1, c)
     else:
-        zt = None
+        zt = teacher.reshape(-1, c)
     y = target.reshape(-1).long() if target is not None else None
     w = None
     if weight is not None:
@@ -122,7 +126,7 @@ def _prepare(
         zs = zs[sel]
         if isinstance(zt, SparseTeacher):
             zt = SparseTeacher(zt.log_probs[sel], zt.indices[sel])
-        elif zt is not None:
+        else:
             zt = zt[sel]
         y = y[sel] if y is not None else None
         w = w[sel] if w is not None else None
@@ -141,7 +145,7 @@ def _scale(w: torch.Tensor | None, n_den: int, dtype: torch.dtype) -> torch.Tens
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _kd_kernel(zs: torch.Tensor, zt: torch.Tensor | SparseTeacher | None, y: torch.Tensor | None,
+def _kd_kernel(zs: torch.Tensor, zt: torch.Tensor | SparseTeacher, y: torch.Tensor | None,
                alpha: float, temp: float, cdt: torch.dtype) -> _Kernel:
     """KD rows ``(1 - alpha) CE + alpha T^2 KL(q || s)`` and their gradient for rows [start, stop)."""
     c = zs.shape[-1]
@@ -153,7 +157,7 @@ def _kd_kernel(zs: torch.Tensor, zt: torch.Tensor | SparseTeacher | None, y: tor
         row = None
         g = None
         if use_kl:
-            if sparse:
+            if isinstance(zt, SparseTeacher):
                 lp = zt.log_probs[s:e].to(cdt)
                 idx = zt.indices[s:e]
                 _check_sparse_block(lp, idx, c, s)
@@ -171,6 +175,8 @@ def _kd_kernel(zs: torch.Tensor, zt: torch.Tensor | SparseTeacher | None, y: tor
             if need_grad:  # d(alpha T^2 KL)/dz_s = alpha T (softmax(z_s/T) - q)
                 g = ls.exp_().sub_(q)
         if use_ce:
+            if y is None:  # kd_loss refuses a missing target unless alpha == 1
+                raise ValueError(f"target is required when alpha < 1; got target=None with alpha={alpha:g}")
             l1 = torch.log_softmax(zc, dim=1)
             yc = y[s:e].unsqueeze(1)
             ce = l1.gather(1, yc).reshape(-1).neg_().mul_(1.0 - alpha)

@@ -113,7 +113,7 @@ def _qualify(prefix: str, name: str) -> str:
 def _paramless_bns(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     """BatchNorm layers without parameters (``affine=False``) that track running statistics, with the qualified
     names of their buffers (what a pattern can match for them)."""
-    out = []
+    out: list[tuple[str, nn.Module, list[str]]] = []
     for mname, m in model.named_modules():
         if isinstance(m, _BatchNorm) and not any(True for _ in m.parameters(recurse=False)):
             bufs = [_qualify(mname, b) for b, t in m.named_buffers(recurse=False) if t is not None]

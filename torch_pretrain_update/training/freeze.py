@@ -212,10 +212,11 @@ def unfreeze(
             _unguard(m, model.training)
     for m in chosen_bns:
         _unguard(m, model.training)
-    for entries, extra, scale in plan:
-        if "param_names" in optimizer.param_groups[0]:  # an optimizer built from named_parameters()
-            extra = {**extra, "param_names": [e.name for e in entries]}
-        _add_group(optimizer, [e.param for e in entries], extra, lr if lr is not None else top * scale, scheds)
+    if optimizer is not None:  # (plan is empty without one)
+        for entries, extra, scale in plan:
+            if "param_names" in optimizer.param_groups[0]:  # an optimizer built from named_parameters()
+                extra = {**extra, "param_names": [e.name for e in entries]}
+            _add_group(optimizer, [e.param for e in entries], extra, lr if lr is not None else top * scale, scheds)
     return [e.name for e in chosen]
 
 

@@ -63,7 +63,7 @@ def _row_loss(student: torch.Tensor, prepared, fused: bool, name: str, kernel: C
     return ((r * scale).sum() if isinstance(scale, torch.Tensor) else r.sum() * scale).to(student.dtype)
 
 
-def _kd_rows(zs: torch.Tensor, zt: torch.Tensor | SparseTeacher | None, y: Optional[torch.Tensor], alpha: float,
+def _kd_rows(zs: torch.Tensor, zt: torch.Tensor | SparseTeacher, y: Optional[torch.Tensor], alpha: float,
              temp: float, cdt: torch.dtype) -> torch.Tensor:
     """The unfused KD rows, differentiable any number of times."""
     z = zs.to(cdt)
@@ -81,6 +81,8 @@ def _kd_rows(zs: torch.Tensor, zt: torch.Tensor | SparseTeacher | None, y: Optio
         kl = torch.where(q > 0, q * (lq - ls), 0.0).sum(dim=1)  # a sparse tail of probability 0 adds 0
         rows = rows + (alpha * temp * temp) * kl
     if alpha < 1.0:
+        if y is None:  # kd_loss refuses a missing target unless alpha == 1
+            raise ValueError(f"target is required when alpha < 1; got target=None with alpha={alpha:g}")
         rows = rows + (1.0 - alpha) * F.cross_entropy(z, y, reduction="none")
     return rows
 
@@ -241,7 +243,7 @@ def pseudo_label_loss(
     zs, zt, _, w, n_den = _rows(student, teacher, None, weight, None)
     with torch.no_grad():
         t_max, labels = zt.max(dim=1)
-        teacher_ok = torch.isfinite(zt).all() if check_finite else None
+        teacher_ok = torch.isfinite(zt).all() if check_finite else None  # None exactly when not check_finite
         keep = None
         if threshold is not None:
             # max softmax = exp(max - logsumexp), computed in at least float32
@@ -253,7 +255,7 @@ def pseudo_label_loss(
     if keep is not None:
         scale = scale * keep.to(row.dtype)
     loss = (row * scale).sum() / n_den
-    if check_finite:
+    if teacher_ok is not None:
         ok = torch.stack([torch.isfinite(loss), teacher_ok]).tolist()
         if not ok[1]:
             _raise_nonfinite("pseudo-label loss", {"teacher_logits": teacher})

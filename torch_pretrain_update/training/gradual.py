@@ -148,9 +148,10 @@ class GradualUnfreezing:
             raise ValueError(
                 f"state_dict['num_stages']={num!r} but this GradualUnfreezing has {len(self.stages)} stages"
             )
-        stage = state_dict["stage"]
-        if isinstance(stage, bool) or not isinstance(stage, numbers.Integral) or not 0 <= stage <= num:
-            raise ValueError(f"state_dict['stage'] must be an int in [0, {num}]; got {stage!r}")
+        raw_stage = state_dict["stage"]
+        if isinstance(raw_stage, bool) or not isinstance(raw_stage, numbers.Integral) or not 0 <= int(raw_stage) <= num:
+            raise ValueError(f"state_dict['stage'] must be an int in [0, {num}]; got {raw_stage!r}")
+        stage = int(raw_stage)
         added = state_dict["groups_added"]
         if not isinstance(added, (list, tuple)) or len(added) != stage:
             raise ValueError(f"state_dict['groups_added'] must be a list of {stage} ints; got {added!r}")

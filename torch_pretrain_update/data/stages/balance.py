@@ -78,12 +78,13 @@ class BalanceStage(_Stage):
 
     **Needs mixed input.** The rates come from running estimates, and copies once emitted are never taken back:
     on a stream sorted or clustered by class (shards written class by class, no shuffle before this stage) the
-    estimates lag behind each run, and the output is far from the target (a 0-then-1 stream of two classes came
-    out 74:157 instead of 1:1). Shuffle first, e.g. ``wds.shuffle(1000)`` in a pipeline (the stream of this
-    library shuffles its shards and their samples). The stage watches for it: a run of one class that mixed input
-    would give with probability below 1e-6 (``seen * share ** length < 1e-6``, with the share estimated from the
-    counts so far, the run included) is counted in ``stats["long_runs"]`` and the first one warns
-    (``UserWarning``), once per stage.
+    estimates lag behind each run, and the output is far from the target (100 samples of class 0, then 100 of
+    class 1, come out 50:107 instead of 1:1; the same samples shuffled, 99:100). Shuffle first, e.g.
+    ``wds.shuffle(1000)`` in a pipeline. (The stream of this library shuffles the shard order and within each
+    shard, which does not mix shards that each hold one class: write shards with mixed classes.) The stage
+    watches for it: a run of one class that mixed input would give with probability below 1e-6
+    (``seen * share ** length < 1e-6``, the share estimated from the counts so far, the run included) is counted
+    in ``stats["long_runs"]``, and the first one warns (``UserWarning``), once per stage.
 
     Args:
         label_key: key of the integer label.

@@ -146,6 +146,21 @@ class _Stage:
     def _run(self, src: Iterator[Sample]) -> Iterator[Sample]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _each(self, src: Iterator[Sample], apply: Callable[[Sample], None]) -> Iterator[Sample]:
+        """The pass of a one-to-one stage: ``apply`` writes into each sample (raising for a bad one, which goes to
+        the handler), and the sample is counted and yielded; committed before it is yielded."""
+        for sample in src:
+            self.stats["seen"] += 1
+            try:
+                apply(sample)
+            except Exception as exn:
+                if self._skip(exn):
+                    continue
+                return
+            self.position += 1
+            self.stats["emitted"] += 1
+            yield sample
+
     def _extra_state(self) -> dict[str, Any]:
         return {}
 

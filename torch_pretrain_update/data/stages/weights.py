@@ -155,29 +155,23 @@ class ClassWeightStage(_Stage):
 
     def _run(self, src: Iterator[Sample]) -> Iterator[Sample]:
         table = None if self.table is None else self.table.tolist()
-        for sample in src:
-            self.stats["seen"] += 1
-            try:
-                y = _label(sample, self.label_key, self.num_classes)
-                stored = _stored_weight(sample, self.weight_key, self.combine)
-                new = None
-                if table is not None:
-                    w = table[y]
-                    if w == 0.0:
-                        raise _bad(sample, self.label_key, f"label {y} has count 0 in the given counts")
-                else:
-                    new = self._running.updated(y)
-                    w = _weight_of(new, y, self.scheme, self.beta, self.alpha)
-                _attach(sample, self.weight_key, w, stored)
-                if new is not None:  # only a sample that passed every check counts
-                    self._running.counts = new
-            except Exception as exn:
-                if self._skip(exn):
-                    continue
-                return
-            self.position += 1
-            self.stats["emitted"] += 1
-            yield sample
+
+        def weigh(sample: Sample) -> None:
+            y = _label(sample, self.label_key, self.num_classes)
+            stored = _stored_weight(sample, self.weight_key, self.combine)
+            new = None
+            if table is not None:
+                w = table[y]
+                if w == 0.0:
+                    raise _bad(sample, self.label_key, f"label {y} has count 0 in the given counts")
+            else:
+                new = self._running.updated(y)
+                w = _weight_of(new, y, self.scheme, self.beta, self.alpha)
+            _attach(sample, self.weight_key, w, stored)
+            if new is not None:  # only a sample that passed every check counts
+                self._running.counts = new
+
+        return self._each(src, weigh)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"counts": self._running.counts.tolist()}
@@ -303,25 +297,18 @@ class EntropyWeightStage(_Stage):
             self._values.appendleft(dropped)
 
     def _run(self, src: Iterator[Sample]) -> Iterator[Sample]:
-        for sample in src:
-            self.stats["seen"] += 1
-            try:
-                h = _score_of(sample, self.probs_key, self.score, self.from_logits)
-                stored = _stored_weight(sample, self.weight_key, self.combine)
-                mean = self._push(h)
-                w = h / mean if mean > 0.0 else 1.0  # a window of all-certain samples: all weighted equally
-                try:
-                    _attach(sample, self.weight_key, w, stored)
-                except BadSampleError:
-                    self._unpush()  # a refused sample leaves no trace in the window
-                    raise
-            except Exception as exn:
-                if self._skip(exn):
-                    continue
-                return
-            self.position += 1
-            self.stats["emitted"] += 1
-            yield sample
+        return self._each(src, self._weigh)
+
+    def _weigh(self, sample: Sample) -> None:
+        h = _score_of(sample, self.probs_key, self.score, self.from_logits)
+        stored = _stored_weight(sample, self.weight_key, self.combine)
+        mean = self._push(h)
+        w = h / mean if mean > 0.0 else 1.0  # a window of all-certain samples: all weighted equally
+        try:
+            _attach(sample, self.weight_key, w, stored)
+        except BadSampleError:
+            self._unpush()  # a refused sample leaves no trace in the window
+            raise
 
     def _extra_state(self) -> dict[str, Any]:
         return {

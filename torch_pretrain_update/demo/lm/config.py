@@ -76,9 +76,6 @@ class LMConfig:
     mix_fraction: float = 0.5
     ngram: int = 2
     num_buckets: int = 10_000
-    # pseudo-count per bucket of both n-gram distributions: 1 would add 10,000 pseudo-counts to a target sample of
-    # a few thousand n-grams and drown it (unseen buckets would then favour chunks full of rare n-grams)
-    target_smoothing: float = 0.1
     dedup_threshold: float = 0.5  # Jaccard similarity of 5-gram sets: chunks are short, one edit moves ~5 of ~100
     clusters: int = 8  # k-means pseudo-classes on the old model's mean-pooled hidden states
 
@@ -98,7 +95,7 @@ class LMConfig:
         self.budget = check_float(self.budget, "budget", low=0.0, high=1.0, low_inclusive=False)
         for name in ("exact_copies", "near_copies", "mix_fraction", "kd_alpha"):
             setattr(self, name, check_float(getattr(self, name), name, low=0.0, high=1.0))
-        for name in ("pretrain_lr", "lr", "kd_temperature", "target_smoothing", "dedup_threshold"):
+        for name in ("pretrain_lr", "lr", "kd_temperature", "dedup_threshold"):
             setattr(self, name, check_float(getattr(self, name), name, low=0.0, low_inclusive=False))
 
     @classmethod

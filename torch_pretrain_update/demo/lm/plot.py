@@ -1,8 +1,8 @@
 """``results.png`` of the language-model demo.
 
 Top row, one panel per update method: bits per byte on the new domain (prose) vs the old domain (source code) for
-every strategy (down and to the left is better), with the old model's old-domain value as a dashed line (above it:
-forgetting). Bottom: the paired difference of new- and old-domain bits per byte to random selection per strategy
+every strategy (down and to the left is better), with the old model as a grey cross and its old-domain value as a
+dashed line (above it: forgetting). Bottom: the paired difference of new- and old-domain bits per byte to random selection per strategy
 and update method (mean ± std over the seeds), zero in the middle: left of it is better than random.
 Colours are Okabe and Ito's colour-blind-safe palette, one per strategy; markers tell the update methods apart.
 """
@@ -42,10 +42,12 @@ def _scatter(ax: Any, results: dict[str, Any], method: str) -> None:
                UPDATE_MARKERS[method], label)
     base = lm_row(results, "pretrained", "-")["metrics"]
     ax.axhline(base["old_bpb"]["mean"], color=_OLD_MODEL, ls="--", lw=1.2, zorder=1)
-    ax.annotate(f"old model: {base['new_bpb']['mean']:.3f} new, {base['old_bpb']['mean']:.3f} old",
+    ax.plot([base["new_bpb"]["mean"]], [base["old_bpb"]["mean"]], marker="P", color=_OLD_MODEL, markersize=11,
+            ls="", zorder=4)
+    ax.annotate(f"✚ old model: {base['new_bpb']['mean']:.3f} new, {base['old_bpb']['mean']:.3f} old (dashed)",
                 xy=(0.02, 0.97), xycoords="axes fraction", ha="left", va="top", color=_OLD_MODEL, fontsize=9)
     ax.annotate("better ↙", xy=(0.02, 0.03), xycoords="axes fraction", ha="left", va="bottom", color=_BETTER,
-                fontsize=11, fontweight="bold")
+                fontsize=11, fontweight="bold", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.set_xlabel("bits per byte on new-domain prose (lower is better)")
     ax.grid(alpha=0.3)
 

@@ -144,7 +144,7 @@ def _describe(results: dict[str, Any]) -> list[str]:
         "the old model (`sequence_scores(..., score='nll')`), highest first; *+ 50% random* the same with "
         f"`random_fraction={cfg['mix_fraction']}`; *target-matched* `WeightedSampler(resampling_weights(log_ratio), "
         "replacement=False)` with `target_log_ratio` of `hashed_ngram_features` (word uni- and bigrams, "
-        f"{cfg['num_buckets']} buckets, smoothing {cfg['target_smoothing']}) of the pool vs the target sample; "
+        f"{cfg['num_buckets']} buckets, smoothing 1 / buckets) of the pool vs the target sample; "
         "*de-duplicated* the same with "
         f"`near_duplicate_mask` (threshold {cfg['dedup_threshold']}) excluded; *cluster-balanced* "
         f"`ClassBalancedSampler` over `kmeans_labels` (k = {cfg['clusters']}) of the old model's mean-pooled hidden "
