@@ -12,6 +12,19 @@ every member), so they sit in the page cache and the measure is CPU cost, not di
 Targets: >= 0.8x the baseline's samples/s for ~20 KiB samples, >= 0.5x for ~1 KiB. A diagnostic pair compares
 the reading alone (ours with ``decoder=lambda s: s``, webdataset without ``.decode()``).
 
+Scoring pass: the ``score_dataset`` pass of ``torch.nn.Linear(200, 10)`` (entropy of its softmax) over the ~1 KiB
+shards, batch size 256, one process, torch limited to one thread for the row (as in ``bench_scores``):
+
+- ours: ``score_dataset(model, ShardDataset(manifest), input_key="npy", batch_size=256)`` (a DataLoader over the
+  dataset, ``default_collate`` of the whole sample dict, the model under ``torch.inference_mode``, the entropy
+  with its finiteness check);
+- baseline: a hand-written loop over ``wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("npy")
+  .batched(256)``: ``torch.from_numpy``, the model, ``log_softmax`` and ``-(p * log p).sum(1)``, the scores
+  collected in order.
+
+Target: <= 1.1x the baseline's CPU time; the two score vectors must agree (``torch.allclose``), else the row
+raises.
+
 Opening: a manifest and index of 10^6 samples in 1000 shards; the time of ``ShardDataset(manifest)`` (read the
 manifest, stat every shard, load and check the index, memory-map the labels), target <= 1 s. The 1000 shard files
 are sparse files of the indexed sizes and the index is written by the same writer the dataset caches with
@@ -34,6 +47,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from benchmarks._harness import Result
@@ -41,6 +55,7 @@ from torch_pretrain_update.data import shard_index
 from torch_pretrain_update.data.manifest import read_manifest
 from torch_pretrain_update.data.shard_dataset import ShardDataset
 from torch_pretrain_update.data.write import write_shards
+from torch_pretrain_update.scoring.distributed import score_dataset
 
 SKIPPED: list[str] = []
 
@@ -114,6 +129,52 @@ def _random_access(manifest: str, n: int, repeat: int, label: str, target: float
     return rows
 
 
+def _scoring_pass(manifest: str, n: int, features: int, batch_size: int, repeat: int) -> Result:
+    """``score_dataset`` over a ``ShardDataset`` vs a hand-written webdataset loop, same model and batches."""
+    urls = read_manifest(manifest).urls
+    torch.manual_seed(0)
+    model = torch.nn.Linear(features, 10).eval()
+    ds = ShardDataset(manifest)
+
+    def ours() -> torch.Tensor:
+        return score_dataset(model, ds, input_key="npy", batch_size=batch_size)
+
+    def baseline() -> torch.Tensor:
+        pipeline = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode().to_tuple("npy")
+        out = []
+        with torch.inference_mode():
+            for (x,) in pipeline.batched(batch_size):
+                logp = torch.log_softmax(model(torch.from_numpy(x)), dim=1)
+                out.append(-(logp.exp() * logp).sum(dim=1))
+        return torch.cat(out)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time of one thread's work: no OpenMP spinning counted on a shared machine
+    try:
+        got, want = ours(), baseline()
+        cpu, wall = _interleaved_cpu({"ours": ours, "baseline": baseline}, repeat)
+    finally:
+        torch.set_num_threads(threads)
+    if got.shape != (n,) or want.shape != (n,):
+        raise RuntimeError(f"expected {n} scores from each side; got {tuple(got.shape)} and {tuple(want.shape)}")
+    max_diff = float((got - want).abs().max())
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        raise RuntimeError(f"score_dataset and the webdataset loop disagree: max |difference| {max_diff:.3g}")
+    ratio = cpu["ours"] / cpu["baseline"]
+    return Result(
+        measure=f"scoring pass (Linear({features}, 10) + softmax entropy, batch {batch_size}) over {n} ~1 KiB "
+                "samples: score_dataset(model, ShardDataset(manifest), input_key='npy')",
+        ours=cpu["ours"], baseline=cpu["baseline"],
+        baseline_name="hand-written loop over wds.WebDataset(...).decode().to_tuple('npy').batched(B)",
+        ratio_kind="overhead", target="<= 1.1x", passed=ratio <= 1.1,
+        note=f"CPU time, 1 torch thread; the {n} scores agree (allclose, max |difference| {max_diff:.2g}); "
+             f"{n / cpu['ours']:.0f} vs {n / cpu['baseline']:.0f} samples/s",
+        extra={"samples": n, "batch_size": batch_size, "max_abs_diff": max_diff,
+               "ours_samples_per_cpu_s": n / cpu["ours"], "baseline_samples_per_cpu_s": n / cpu["baseline"],
+               "ours_wall_s": wall["ours"], "baseline_wall_s": wall["baseline"]},
+    )
+
+
 def _identity(sample: dict) -> dict:
     return sample
 
@@ -176,6 +237,7 @@ def run(quick: bool) -> list[Result]:
         small = _write(tmp, n_small, 200, "small1k")
         rows += _random_access(big, n_big, repeat, "~20 KiB", 0.8)
         rows += _random_access(small, n_small, repeat, "~1 KiB", 0.5)
+        rows.append(_scoring_pass(small, n_small, 200, 256, repeat))
 
         os.remove(small + ".index.npz")
         c0, w0 = time.process_time(), time.perf_counter()
