@@ -27,7 +27,13 @@ class NearDuplicateFilter:
     Call it on an iterator of dict samples (webdataset's convention) to get the samples that are not duplicates;
     or call :meth:`is_duplicate` per item. Each call on an iterator is one pass (an epoch) and starts with an
     empty memory, so a second epoch over the same data is not dropped whole as duplicates of the first; the
-    exception is the first pass after :meth:`load_state_dict`, which continues the saved pass.
+    exception is the first pass after :meth:`load_state_dict`, which continues the saved pass. After
+    :meth:`set_epoch` the memory belongs to the epoch instead: every pass of that epoch continues it (a stream
+    that applies its stages one shard range at a time, as ``WeightedWebDataset`` does, then drops duplicates
+    across shards), and a call with another epoch starts empty. In a ``WeightedWebDataset`` whose ranks yield a
+    fixed number of samples (a manifest's ``split="samples"``), the repeats that pad a rank are duplicates too and
+    are dropped, so the stream cannot pad: there, de-duplicate the pool with :func:`near_duplicate_mask` and pass
+    the kept ``indices`` instead.
 
     It keeps the content hash, MinHash signature and LSH band keys of every kept sample of the pass (about
     ``4 * num_perm + 16`` bytes each plus the band tables); a new sample is an exact duplicate
@@ -70,6 +76,7 @@ class NearDuplicateFilter:
         if not isinstance(key, str):
             raise TypeError(f"key must be a str; got {type(key).__name__}")
         self.key = key
+        self._epoch: Optional[int] = None  # set_epoch's: passes of one epoch share the memory
         (self.threshold, self.num_perm, self.seed, self.ngram, self.shingle, self.normalize,
          self.bands) = _check_common(threshold, num_perm, seed, ngram, shingle, normalize, bands)
         self.reset()
@@ -79,6 +86,14 @@ class NearDuplicateFilter:
         self.stats = {"seen": 0, "kept": 0, "dropped_exact": 0, "dropped_near": 0}
         self._pending = False
         self._clear()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the memory the epoch's: the passes that follow continue it until an epoch other than ``epoch`` is
+        set (then it starts empty). A state loaded for the same epoch is kept."""
+        epoch = check_int(epoch, "epoch", min_value=0)
+        if epoch != self._epoch:
+            self.reset()
+        self._epoch = epoch
 
     def _clear(self) -> None:
         self._digests: dict[bytes, int] = {}
@@ -122,7 +137,7 @@ class NearDuplicateFilter:
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         """One pass: the samples of ``samples`` that are not duplicates of earlier kept ones of this pass."""
-        if not self._pending:
+        if not self._pending and self._epoch is None:
             self.reset()
         self._pending = False
         return self._run(iter(samples))
@@ -154,6 +169,7 @@ class NearDuplicateFilter:
             "stats": dict(self.stats),
             "signatures": base64.b64encode(self._sigs[: self._count].astype("<i4").tobytes()).decode("ascii"),
             "digests": base64.b64encode(b"".join(digests)).decode("ascii"),
+            "epoch": self._epoch,
             "config": self._config(),
         }
 
@@ -188,4 +204,6 @@ class NearDuplicateFilter:
         for slot in range(count):
             self._remember(dig_bytes[16 * slot : 16 * slot + 16], sigs[slot], keys[slot])
         self.stats = stats
+        epoch = state.get("epoch")  # absent from a state of an earlier version
+        self._epoch = None if epoch is None else check_int(epoch, "state['epoch']", min_value=0)
         self._pending = True  # the next pass continues this state

@@ -8,7 +8,8 @@ simple model of the target distribution and one of the raw pool, weight each raw
 - :func:`hashed_ngram_features`: bag-of-hashed-n-grams counts of text (lowercased word tokens, their unigrams and
   bigrams, as that paper) or of token-id sequences, as a sparse CSR matrix.
 - :func:`target_log_ratio`: ``log p_target(x) - log p_raw(x)`` under the bag-of-hashed-n-grams model (each side a
-  smoothed categorical over the buckets).
+  smoothed categorical over the buckets); :func:`bucket_log_ratio` is that fitted model (one log ratio per bucket)
+  and :func:`document_log_ratio` weighs other documents with it (a stream: ``data.stages.with_target_weights``).
 - :func:`domain_log_ratio`: the same log ratio for embeddings (images, speech, text encoders), estimated by a
   logistic classifier that tells target from raw (Bayes' rule with the class prior removed).
 - :func:`resampling_weights` and :func:`importance_resample`: the draw itself, through this package's weighted
@@ -34,6 +35,8 @@ from torch_pretrain_update.sampling.draws import exclude_mask, weighted_sample_w
 
 __all__ = [
     "target_log_ratio",
+    "bucket_log_ratio",
+    "document_log_ratio",
     "resampling_weights",
     "importance_resample",
 ]
@@ -90,6 +93,13 @@ class _Counts:
         if self.sparse:
             return torch.zeros(b, dtype=torch.float64).index_add_(0, self.col, self.values.double())
         return self.dense.sum(dim=0, dtype=torch.float64)
+
+    def check_rows(self) -> None:
+        """Refuse an empty document (a row with no count): it has no weight to compare."""
+        empty = self.row_totals() <= 0
+        if bool(empty.any()):
+            i = first_bad_row(empty)
+            raise ValueError(f"{self.name} row {i} is empty (no n-gram): it has no weight to compare; drop it first")
 
     def row_totals(self) -> torch.Tensor:
         if self.sparse:
@@ -149,15 +159,72 @@ def target_log_ratio(raw_features: Features, target_features: Features, *, smoot
     """
     smoothing = check_float(smoothing, "smoothing", low=0.0, low_inclusive=False)
     raw = _Counts(raw_features, "raw_features", allow_vector=False)
-    tgt = _Counts(target_features, "target_features", allow_vector=True)
+    return raw.matvec(_fit(raw, _Counts(target_features, "target_features", allow_vector=True), smoothing))
+
+
+def bucket_log_ratio(raw_features: Features, target_features: Features, *, smoothing: float = 1e-8) -> torch.Tensor:
+    """The fitted bag-of-hashed-n-grams model of :func:`target_log_ratio`: ``log p_target(b) - log p_raw(b)`` per
+    bucket, so that ``target_log_ratio(raw, target) == document_log_ratio(raw, bucket_log_ratio(raw, target))``
+    bit for bit. Fit it once on a pool and weigh other documents (a stream, new data) with
+    :func:`document_log_ratio`.
+
+    Args:
+        raw_features, target_features, smoothing: as in :func:`target_log_ratio` (and checked the same way).
+
+    Returns:
+        float64 tensor of shape (B,).
+
+    Example::
+
+        >>> from torch_pretrain_update import hashed_ngram_features
+        >>> raw = hashed_ngram_features(["a b c", "x y z", "a b x"], num_buckets=128)
+        >>> table = bucket_log_ratio(raw, hashed_ngram_features(["a b c a b"], num_buckets=128))
+        >>> tuple(table.shape)
+        (128,)
+    """
+    smoothing = check_float(smoothing, "smoothing", low=0.0, low_inclusive=False)
+    raw = _Counts(raw_features, "raw_features", allow_vector=False)
+    return _fit(raw, _Counts(target_features, "target_features", allow_vector=True), smoothing)
+
+
+def document_log_ratio(features: Features, bucket_log_ratio: Any) -> torch.Tensor:
+    """Log importance weights of documents under a fitted model: ``features @ bucket_log_ratio`` in float64, the
+    per-document sum of :func:`target_log_ratio`.
+
+    Args:
+        features: (N, B) counts of the documents to weigh (e.g. :func:`hashed_ngram_features` of them, with the
+            ``n`` and ``num_buckets`` the model was fitted with), or (B,) for one document.
+        bucket_log_ratio: the (B,) finite vector from :func:`bucket_log_ratio`.
+
+    Returns:
+        float64 tensor of shape (N,) ((1,) for one document).
+
+    Raises:
+        ValueError: bucket counts differ, negative or non-finite counts, an empty document (named).
+
+    Example::
+
+        >>> from torch_pretrain_update import hashed_ngram_features
+        >>> raw = hashed_ngram_features(["a b c", "x y z", "a b x"], num_buckets=128)
+        >>> table = bucket_log_ratio(raw, hashed_ngram_features(["a b c a b"], num_buckets=128))
+        >>> bool(document_log_ratio(hashed_ngram_features(["a b"], num_buckets=128), table)[0] > 0)
+        True
+    """
+    table = check_vector(bucket_log_ratio, "bucket_log_ratio", allow_negative=True).double()
+    docs = _Counts(features, "features", allow_vector=True)
+    if docs.shape[1] != table.numel():
+        raise ValueError(f"features must have as many buckets as bucket_log_ratio ({table.numel()}); got "
+                         f"{docs.shape[1]}")
+    docs.check_rows()
+    return docs.matvec(table)
+
+
+def _fit(raw: _Counts, tgt: _Counts, smoothing: float) -> torch.Tensor:
+    """``log(f_target + smoothing) - log(f_raw + smoothing)`` per bucket, after the checks of target_log_ratio."""
     if raw.shape[1] != tgt.shape[1]:
         raise ValueError(f"target_features must have as many buckets as raw_features ({raw.shape[1]}); got "
                          f"{tgt.shape[1]}")
-    per_doc = raw.row_totals()
-    empty = per_doc <= 0
-    if bool(empty.any()):
-        i = first_bad_row(empty)
-        raise ValueError(f"raw_features row {i} is empty (no n-gram): it has no weight to compare; drop it first")
+    raw.check_rows()
     c_raw, c_tgt = raw.column_totals(), tgt.column_totals()
     if not float(c_tgt.sum()) > 0:
         raise ValueError("target_features must have at least one positive count; all are 0")
@@ -166,8 +233,7 @@ def target_log_ratio(raw_features: Features, target_features: Features, *, smoot
             "target_features share no bucket with raw_features: the importance weights would only reflect the "
             "smoothing; check that both were hashed with the same n and num_buckets and come from related text"
         )
-    log_diff = torch.log(c_tgt / c_tgt.sum() + smoothing) - torch.log(c_raw / c_raw.sum() + smoothing)
-    return raw.matvec(log_diff)
+    return torch.log(c_tgt / c_tgt.sum() + smoothing) - torch.log(c_raw / c_raw.sum() + smoothing)
 
 
 # ------------------------------------------------------------------------------------------------------

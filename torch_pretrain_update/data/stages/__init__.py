@@ -22,12 +22,13 @@ with ``state_dict()`` / ``load_state_dict()``, ``set_epoch(epoch)`` and a ``stat
 bad-sample handling are described in :mod:`torch_pretrain_update.data.stages.base`.
 
 Modules: ``weights`` (class and entropy weights), ``balance`` (one-pass balancing), ``select`` (one-pass
-selection), ``base`` (what they share).
+selection), ``text`` (target-matching weights of text, :func:`with_target_weights`), ``base`` (what they share).
 """
 
 from torch_pretrain_update.data.stages.balance import BalanceStage, balance_classes
 from torch_pretrain_update.data.stages.base import BadSampleError
 from torch_pretrain_update.data.stages.select import SelectStage, select_by_entropy
+from torch_pretrain_update.data.stages.text import TargetWeightStage, with_target_weights
 from torch_pretrain_update.data.stages.weights import (
     ClassWeightStage,
     EntropyWeightStage,
@@ -45,4 +46,6 @@ __all__ = [
     "BalanceStage",
     "SelectStage",
     "BadSampleError",
+    "with_target_weights",
+    "TargetWeightStage",
 ]
