@@ -1,4 +1,5 @@
-"""One rank of the 2-process Lightning DDP run of tests/integrations/test_integrations.py (started by ``torchrun``, gloo on CPU).
+"""One rank of the 2-process Lightning DDP run of tests/integrations/test_integrations.py
+(started by ``torchrun``, gloo on CPU).
 
 Three fits in the same processes, each rank writing what it saw to ``<out>/rank<r>.json``:
 

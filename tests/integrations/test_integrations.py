@@ -228,7 +228,8 @@ def test_lightning_ddp_two_processes(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    res = subprocess.run([sys.executable, str(root / "tests" / "_support" / "_lightning_ddp.py"), str(tmp_path), "--late-freeze"],
+    script = root / "tests" / "_support" / "_lightning_ddp.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path), "--late-freeze"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=220)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

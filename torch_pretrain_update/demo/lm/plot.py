@@ -2,8 +2,9 @@
 
 Top row, one panel per update method: bits per byte on the new domain (prose) vs the old domain (source code) for
 every strategy (down and to the left is better), with the old model as a grey cross and its old-domain value as a
-dashed line (above it: forgetting). Bottom: the paired difference of new- and old-domain bits per byte to random selection per strategy
-and update method (mean ± std over the seeds), zero in the middle: left of it is better than random.
+dashed line (above it: forgetting). Bottom: the paired difference of new- and old-domain bits per byte to random
+selection per strategy and update method (mean ± std over the seeds), zero in the middle: left of it is better
+than random.
 Colours are Okabe and Ito's colour-blind-safe palette, one per strategy; markers tell the update methods apart.
 """
 
