@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test lint bench bench-quick demo clean
+.PHONY: test lint bench bench-quick demo demo-lm clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench-quick: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/pretrain-update demo --out demo_out
+
+demo-lm: $(VENV)/.installed
+	$(VENV)/bin/pretrain-update demo lm --out demo_lm_out
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
