@@ -18,21 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from torch_pretrain_update.cli import main
+from tests._support.cli import run_cli as run
 from torch_pretrain_update.sampling.entropy_plan import entropy_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("demo", "select", "weights", "inspect")
 
-
-def run(argv, capsys):
-    """``main(argv)`` -> (exit status, stdout, stderr); argparse's SystemExit included."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_usage_error(code, err, *needles):

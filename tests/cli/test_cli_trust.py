@@ -18,20 +18,12 @@ import numpy as np
 import pytest
 
 import torch_pretrain_update
+from tests._support.cli import run_cli as run
 from torch_pretrain_update.cli import main
 from torch_pretrain_update.cli._common import int_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def run(argv, capsys):
-    """``main(argv)`` -> (exit status, stdout, stderr); argparse's SystemExit included."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err, *needles):

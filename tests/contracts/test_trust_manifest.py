@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from torch_pretrain_update.cli import main
+from tests._support.cli import run_cli as run
 from torch_pretrain_update.data.errors import DamagedShardError
 from torch_pretrain_update.data.inspect import inspect_shards
 from torch_pretrain_update.data.manifest import ShardManifest, read_manifest
@@ -19,15 +19,6 @@ from torch_pretrain_update.data.stream import WeightedWebDataset, stream_stats
 from torch_pretrain_update.data.strict_samples import strict_tarfile_to_samples
 from torch_pretrain_update.data.write import write_shards
 from torch_pretrain_update.training.teacher_reader import read_teacher_outputs
-
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

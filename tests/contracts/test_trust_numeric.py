@@ -19,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import TensorDataset
 from webdataset.handlers import ignore_and_continue
 
+from tests._support.cli import run_cli as _run
 from torch_pretrain_update import (
     ClassBalancedSampler,
     EntropySampler,
@@ -30,7 +31,6 @@ from torch_pretrain_update import (
     sample_weights,
 )
 from torch_pretrain_update._checks import MAX_CLASSES, check_labels
-from torch_pretrain_update.cli import main
 from torch_pretrain_update.data.decode import safe_decode
 from torch_pretrain_update.data.stages import BadSampleError, with_class_weights, with_entropy_weights
 from torch_pretrain_update.data.write import write_shards
@@ -300,14 +300,6 @@ def test_entropy_sampler_importance_weights_with_huge_labels():
         want.append(1.0 / (12 * quota[c] * float(scores[i]) / wc / 6))
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
-
-def _run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_weights_refuses_a_huge_label_in_one_line(tmp_path, capsys):

@@ -22,20 +22,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests._support.cli import run_cli as run
 from torch_pretrain_update import demo
 from torch_pretrain_update.cli import main
 
 STRATEGY_KEYS = [k for k, _ in demo.STRATEGIES]
 UPDATE_KEYS = [k for k, _ in demo.UPDATES]
 
-
-def run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
