@@ -17,9 +17,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check torch_pretrain_update tests benchmarks examples
 	$(VENV)/bin/mypy
 
-# Two pytest workers (pytest-xdist) on CI's two cores; the 15 slowest tests are listed at the end of every run.
+# Two pytest workers (pytest-xdist) on CI's two cores, each module on one worker (its module-scoped fixtures, e.g.
+# the quick demo runs, are built once); the 15 slowest tests are listed at the end of every run.
 test: lint
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks
