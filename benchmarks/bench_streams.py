@@ -24,7 +24,6 @@ this runs on are shared and wall time there mostly measures the other processes;
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import tempfile
@@ -36,7 +35,7 @@ import numpy as np
 import webdataset as wds
 from webdataset.autodecode import Decoder
 
-from benchmarks._harness import Result
+from benchmarks._harness import Result, collect
 from torch_pretrain_update.data.manifest import read_manifest
 from torch_pretrain_update.data.stream import WeightedWebDataset
 from torch_pretrain_update.data.write import write_shards
@@ -73,7 +72,7 @@ def _interleaved_cpu(fns: dict[str, Callable[[], Any]], repeat: int) -> tuple[di
     wall = {k: float("inf") for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
-            gc.collect()
+            collect()
             c0, w0 = time.process_time(), time.perf_counter()
             fn()
             cpu[k] = min(cpu[k], time.process_time() - c0)

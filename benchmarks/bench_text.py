@@ -33,7 +33,6 @@ Python (``num_proc=1``).
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import sysconfig
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._harness import Result
+from benchmarks._harness import Result, collect
 from torch_pretrain_update import hashed_ngram_features, sequence_scores, target_log_ratio
 
 SKIPPED: list[str] = []
@@ -135,7 +134,7 @@ def _target_rows(n_raw: int, n_target: int, repeat: int, judge: bool) -> list[Re
         w_base, t_base = _dsir_weights(raw, target, Path(tmp))
     t_ours = float("inf")
     for _ in range(repeat):
-        gc.collect()
+        collect()
         t0 = _clock()
         w_ours = _ours(raw, target)
         t_ours = min(t_ours, _clock() - t0)
@@ -166,7 +165,7 @@ def _target_rows(n_raw: int, n_target: int, repeat: int, judge: bool) -> list[Re
     t_feat_base = _clock() - t0
     t_feat = float("inf")
     for _ in range(repeat):
-        gc.collect()
+        collect()
         t0 = _clock()
         f = hashed_ngram_features(raw)
         t_feat = min(t_feat, _clock() - t0)
@@ -195,7 +194,7 @@ def _status(key: str) -> int:
 
 
 def _extra_peak(fn) -> tuple[int, str]:
-    gc.collect()
+    collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -229,7 +228,7 @@ def _memory(mem_n: tuple[int, int], length: int, v: int) -> tuple[int, int, int,
 def _sequence_rows(total: int, batch: int, length: int, v: int, mem_n: tuple[int, int], judge: bool) -> list[Result]:
     # memory first, in a process that has not yet held large temporaries
     extra_small, extra_big, extra_lsm, method = _memory(mem_n, length, v)
-    gc.collect()
+    collect()
 
     pool = [_batch(batch, length, v, seed=s) for s in range(4)]
     names = ("entropy", "nll", "margin")
