@@ -25,6 +25,7 @@ import torch
 from tests._support.cli import run_cli as run
 from torch_pretrain_update import demo
 from torch_pretrain_update.cli import main
+from torch_pretrain_update.demo.results import aggregate
 
 STRATEGY_KEYS = [k for k, _ in demo.STRATEGIES]
 UPDATE_KEYS = [k for k, _ in demo.UPDATES]
@@ -301,12 +302,19 @@ def test_demo_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
 
 @pytest.mark.timeout(240)
 def test_numbers_do_not_depend_on_worker_processes(tmp_path):
-    """Seeds run in spawned processes give exactly the numbers of the in-process run (only times differ)."""
-    base = dict(seeds=2, pretrain_epochs=2, update_epochs=1, data_fraction=0.3, progress=False)
+    """Seeds run in spawned processes give exactly the numbers of the in-process run (only times differ).
+
+    The shards are written and read once, and no report is drawn: the seeds' runs are what the processes change.
+    """
+    from torch_pretrain_update.demo import runner
+
+    base = dict(seeds=2, pretrain_epochs=1, update_epochs=1, data_fraction=0.2, progress=False)
+    arrays = runner._load(demo.DemoConfig.quick_config(out=str(tmp_path), **base), tmp_path, demo.Progress(False))
     results = []
     for workers in (1, 2):
-        cfg = demo.DemoConfig.quick_config(out=str(tmp_path / f"w{workers}"), workers=workers, **base)
-        results.append(demo.run_demo(cfg)["results"])
+        cfg = demo.DemoConfig.quick_config(out=str(tmp_path), workers=workers, **base)
+        per_seed = runner._run_seeds(arrays, cfg, demo.Progress(False))
+        results.append(aggregate(per_seed, arrays, cfg, processes=runner.num_workers(cfg)))
     assert [r["environment"]["processes"] for r in results] == [1, 2]
     for a, b in zip(results[0]["rows"], results[1]["rows"]):
         for metric in ("new_acc", "old_acc", "minority_recall", "samples_used", "rare_share"):
