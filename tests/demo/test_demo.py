@@ -43,7 +43,9 @@ def quick(tmp_path_factory):
     mp.setattr(sys, "stdout", buf_out)
     mp.setattr(sys, "stderr", buf_err)
     try:
-        code = main(["demo", "--quick", "--out", str(out)])  # stderr is not a terminal: plain progress lines
+        # stderr is not a terminal: plain progress lines; seeds in this process (spawning two workers costs each an
+        # import of torch, ~8 s of CPU; the worker processes have their own test below)
+        code = main(["demo", "--quick", "--workers", "1", "--out", str(out)])
     finally:
         mp.undo()
     assert code == 0, buf_err.getvalue()
