@@ -492,7 +492,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_score_dataset_on_two_gloo_ranks_equals_one_process(tmp_path):
     _write_score_shards(tmp_path)
     ctx = mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
+                             start_method="fork")  # forked like DataLoader workers: no re-import per rank
     end = time.monotonic() + 180
     try:
         while not ctx.join(timeout=max(0.1, end - time.monotonic())):
