@@ -215,23 +215,31 @@ def test_lightning_split_check_refuses_a_stream_for_another_rank(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_lightning_ddp_two_processes(tmp_path):
+def test_lightning_ddp_two_processes(tmp_path, monkeypatch, capfd):
     """The recipe under a real 2-process ``strategy="ddp"`` run (gloo, CPU): each rank trains on exactly its
     DistributedSampler-style share of the plan (50 of 100, not 25), frozen parameters never move, the ranks end
     identical; Lightning's default ``use_distributed_sampler=True`` is refused by the callback; freezing in
     ``configure_optimizers`` alone (after DDP wrapped the module) fails as DDP says it does."""
     pytest.importorskip("lightning.pytorch")
     import json
-    import subprocess
+    import runpy
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    script = root / "tests" / "_support" / "_lightning_ddp.py"
-    res = subprocess.run([sys.executable, str(script), str(tmp_path), "--late-freeze"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=220)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    # The script forks its two ranks from the process that runs it: run here, it forks them from this test process,
+    # which has imported Lightning already (a fresh interpreter spends ~10 s importing it).
+    script = Path(__file__).resolve().parents[2] / "tests" / "_support" / "_lightning_ddp.py"
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path), "--late-freeze"])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capfd.readouterr()
+    assert done.value.code == 0, out[-2000:] + err[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
         plan = _balanced_plan(epoch)
