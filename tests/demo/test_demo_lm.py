@@ -59,7 +59,7 @@ def quick(tmp_path_factory):
     mp.setattr(sys, "stdout", stdout)
     mp.setattr(sys, "stderr", stderr)
     try:
-        code = main(["demo", "lm", "--quick", "--workers", "1", "--out", str(out)])  # seeds here: no spawn
+        code = main(["demo", "lm", "--quick", "--out", str(out)])
     finally:
         mp.undo()
     assert code == 0, stderr.getvalue()
