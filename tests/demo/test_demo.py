@@ -402,7 +402,8 @@ def test_quick_run_says_what_it_does_on_stderr(quick):
     for seed in (0, 1):
         mine = [line.split(": ", 2)[2] for line in lines if line.startswith(f"demo: seed {seed}: ")]
         assert [m.split(" ")[0] for m in mine] == ["pretraining", "pretrained", "multi-round", "all", "done"], mine
-        assert mine[0].startswith("pretraining the old model (15 epochs on ")
+        epochs = demo.DemoConfig.quick_config().pretrain_epochs
+        assert mine[0].startswith(f"pretraining the old model ({epochs} epochs on ")
         assert re.match(r"pretrained in \d+\.\d s; one-shot strategies: 6 x 3 update runs on \d+ of \d+ new", mine[1])
         assert mine[2].startswith("multi-round strategies: 2 x 3 update runs, 2 rounds")
         assert mine[4].startswith("done (27 runs in ")

@@ -85,7 +85,7 @@ class DemoConfig:
     def quick_config(cls, **overrides: Any) -> DemoConfig:
         """The reduced run used by the test suite: 2 seeds, half the data, few epochs, 2 rounds (every strategy
         and update method still runs). A smoke test: its numbers are too noisy to compare strategies."""
-        base: dict[str, Any] = dict(quick=True, seeds=2, rounds=2, pretrain_epochs=15, update_epochs=8,
+        base: dict[str, Any] = dict(quick=True, seeds=2, rounds=2, pretrain_epochs=8, update_epochs=4,
                                     data_fraction=0.5)
         base.update(overrides)
         return cls(**base)

@@ -104,6 +104,6 @@ class LMConfig:
         update method still runs). A smoke test: its numbers are too noisy to compare strategies."""
         base: dict[str, Any] = dict(quick=True, seeds=2, old_train=320, test=48, target=24, pool_code=160,
                                     pool_prose=120, pool_other=80, d_model=32, layers=2, frozen_blocks=1,
-                                    pretrain_steps=60, update_epochs=2, clusters=4)
+                                    pretrain_steps=30, update_epochs=1, clusters=4)
         base.update(overrides)
         return cls(**base)
