@@ -59,7 +59,8 @@ def quick(tmp_path_factory):
     mp.setattr(sys, "stdout", stdout)
     mp.setattr(sys, "stderr", stderr)
     try:
-        code = main(["demo", "lm", "--quick", "--out", str(out)])
+        # seeds in this process: two spawned workers would each import torch and the compiler stack (~10 s of CPU)
+        code = main(["demo", "lm", "--quick", "--workers", "1", "--out", str(out)])
     finally:
         mp.undo()
     assert code == 0, stderr.getvalue()
