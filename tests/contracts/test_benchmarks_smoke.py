@@ -9,6 +9,7 @@ for what only it does (a child per module, ``results.json`` and ``results.md``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import io
 import json
@@ -33,8 +34,11 @@ def test_every_benchmark_module_is_run_here():
 def test_module_runs_at_quick_sizes(name):
     mod = importlib.import_module(f"benchmarks.{name}")
     threads = torch.get_num_threads()
-    with contextlib.redirect_stdout(io.StringIO()):
-        rows = [r.to_dict() for r in mod.run(quick=True)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            rows = [r.to_dict() for r in mod.run(quick=True)]
+    finally:
+        gc.unfreeze()  # the harness freezes what survives its collections (see benchmarks/_harness.collect)
     assert torch.get_num_threads() == threads, "the module left torch's thread count changed"
     assert rows, f"{name} produced no rows"
     json.dumps(rows)  # what the suite writes to results.json

@@ -59,8 +59,7 @@ def quick(tmp_path_factory):
     mp.setattr(sys, "stdout", stdout)
     mp.setattr(sys, "stderr", stderr)
     try:
-        # seeds in this process: two spawned workers would each import torch and the compiler stack (~10 s of CPU)
-        code = main(["demo", "lm", "--quick", "--workers", "1", "--out", str(out)])
+        code = main(["demo", "lm", "--quick", "--out", str(out)])
     finally:
         mp.undo()
     assert code == 0, stderr.getvalue()
