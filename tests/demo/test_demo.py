@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from tests._support.cli import run_cli as run
+from tests._support.cli import run_cli_captured
 from torch_pretrain_update import demo
-from torch_pretrain_update.cli import main
 from torch_pretrain_update.demo.results import aggregate
 
 STRATEGY_KEYS = [k for k, _ in demo.STRATEGIES]
@@ -35,22 +35,12 @@ UPDATE_KEYS = [k for k, _ in demo.UPDATES]
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    mp = pytest.MonkeyPatch()
-    import io
-    import sys
-
-    buf_out, buf_err = io.StringIO(), io.StringIO()
-    mp.setattr(sys, "stdout", buf_out)
-    mp.setattr(sys, "stderr", buf_err)
-    try:
-        # stderr is not a terminal: plain progress lines; seeds in this process (spawning two workers costs each an
-        # import of torch, ~8 s of CPU; the worker processes have their own test below)
-        code = main(["demo", "--quick", "--workers", "1", "--out", str(out)])
-    finally:
-        mp.undo()
-    assert code == 0, buf_err.getvalue()
+    # seeds in this process (spawning two workers costs each an import of torch, ~8 s of CPU; the worker processes
+    # have their own test below)
+    code, stdout, stderr = run_cli_captured(["demo", "--quick", "--workers", "1", "--out", out])
+    assert code == 0, stderr
     results = json.loads((out / "results.json").read_text())
-    return out, results, buf_out.getvalue(), buf_err.getvalue()
+    return out, results, stdout, stderr
 
 
 def rows_of(results, update):

@@ -10,11 +10,9 @@ directory of a few real source files (no other text in it) and an untrained mode
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests._support.cli import run_cli_captured
 from torch_pretrain_update.cli import build_parser, demo, demo_lm, main
 from torch_pretrain_update.demo.lm import (
     LM_METRICS,
@@ -54,16 +53,9 @@ _FILES = ("abc.py", "bisect.py", "colorsys.py", "copyreg.py", "fnmatch.py", "gen
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_lm")
-    mp = pytest.MonkeyPatch()
-    stdout, stderr = io.StringIO(), io.StringIO()
-    mp.setattr(sys, "stdout", stdout)
-    mp.setattr(sys, "stderr", stderr)
-    try:
-        code = main(["demo", "lm", "--quick", "--out", str(out)])
-    finally:
-        mp.undo()
-    assert code == 0, stderr.getvalue()
-    return out, json.loads((out / "results.json").read_text()), stdout.getvalue(), stderr.getvalue()
+    code, stdout, stderr = run_cli_captured(["demo", "lm", "--quick", "--out", out])
+    assert code == 0, stderr
+    return out, json.loads((out / "results.json").read_text()), stdout, stderr
 
 
 @pytest.fixture(scope="module")
