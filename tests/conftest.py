@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.utils.data._utils as data_utils
 
@@ -14,3 +15,13 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # the iterator is still being built (e.g. a dataset state refused in a worker): that worker is never told and
 # waits out the whole timeout. The tests that provoke such errors on purpose would idle 5 s per worker.
 data_utils.MP_STATUS_CHECK_INTERVAL = 0.5
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test: small matmuls with 2 OpenMP threads on a busy 2-core machine were measured
+    50x slower (threads wait for descheduled peers). Under pytest-xdist the thread count is 1 already."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

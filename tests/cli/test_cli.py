@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from tests._support.cli import run_cli as run
+from tests._support.references import entropy64, topk_ref
 from torch_pretrain_update.sampling.entropy_plan import entropy_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("demo", "select", "weights", "inspect")
-
 
 
 def assert_usage_error(code, err, *needles):
@@ -40,18 +40,6 @@ def softmax64(z):
     z = np.asarray(z, dtype=np.float64)
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
-
-
-def entropy64(p):
-    p = np.asarray(p, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
-
-
-def topk_ref(scores, k):
-    """Indices of the k highest scores, ties to the lower index, ascending (a stable sort on -score)."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return np.sort(order[:k])
 
 
 @pytest.fixture

@@ -19,11 +19,11 @@ import pytest
 
 import torch_pretrain_update
 from tests._support.cli import run_cli as run
+from tests._support.references import entropy64, topk_ref
 from torch_pretrain_update.cli import main
 from torch_pretrain_update.cli._common import int_lines
 
 ROOT = Path(__file__).resolve().parents[2]
-
 
 
 def one_line_error(code, err, *needles):
@@ -34,17 +34,6 @@ def one_line_error(code, err, *needles):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
-
-
-def entropy64(p):
-    p = np.asarray(p, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
-
-
-def topk_ref(scores, k):
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return np.sort(order[:k])
 
 
 def snapshot(folder):

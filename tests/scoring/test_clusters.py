@@ -12,15 +12,8 @@ from sklearn.metrics import adjusted_rand_score
 from torch_pretrain_update import ClassBalancedSampler, StratifiedSampler, kmeans_labels
 from torch_pretrain_update.scoring import clusters
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matmuls on the shared 2-core machine: with 2 OpenMP threads on busy cores they were measured 50x
-    slower (threads wait for descheduled peers); one thread keeps these tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small matmuls: one intra-op thread (see the fixture in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blobs(n: int, d: int, k: int, std: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -22,15 +22,8 @@ from torch_pretrain_update import (
 )
 from torch_pretrain_update.scoring import minhash
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matmuls on the shared 2-core machine: with 2 OpenMP threads on busy cores they were measured 50x
-    slower (threads wait for descheduled peers); one thread keeps these tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small matmuls: one intra-op thread (see the fixture in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ALPHABET = np.array(list("abcdefghijklmnopqrstuvwxyz"))
